@@ -1,0 +1,16 @@
+"""The bi-encoder architecture: encoder, pooling, loss. No training infrastructure here."""
+
+from .attention import ATTN_IMPLEMENTATION
+from .biencoder import BiEncoder, load_encoder, make_bidirectional, mean_pool, pack, segment_mean_pool
+from .loss import contrastive_loss
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "BiEncoder",
+    "contrastive_loss",
+    "load_encoder",
+    "make_bidirectional",
+    "mean_pool",
+    "pack",
+    "segment_mean_pool",
+]

@@ -1,0 +1,105 @@
+"""Non-causal attention for padded batches and for packed, padding-free batches.
+
+Registered with transformers' attention registry under the name ``biencoder``, so every
+attention layer of a Llama- or BERT-family model calls it:
+
+- padded batch (``cu_seqlens`` not given): PyTorch SDPA with the padding mask and
+  ``is_causal=False``;
+- packed batch (``cu_seqlens`` given, shape (S+1,), cumulative segment lengths of one
+  (1, T) sequence): each segment attends only to itself. On CUDA this runs a variable-length
+  flash kernel (flash-attn's ``flash_attn_varlen_func`` when installed, else torch's
+  ``torch.nn.attention.varlen.varlen_attn``); elsewhere (CPU, fp32) SDPA segment by segment,
+  which computes the same thing.
+"""
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_IMPLEMENTATION = "biencoder"
+
+
+@functools.cache
+def _varlen_kernel():
+    """The fastest available variable-length attention on CUDA, or None."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        def run(q, k, v, cu, max_len, scale):  # flash-attn handles GQA itself
+            return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=False)
+
+        return run
+    except ImportError:
+        pass
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    extra = {}
+    if "window_size" in params:
+        extra["window_size"] = (-1, -1)  # (-1, -1) = full, non-causal attention
+    if "is_causal" in params:
+        extra["is_causal"] = False
+    gqa = "enable_gqa" in params
+
+    def run(q, k, v, cu, max_len, scale):
+        if q.shape[1] != k.shape[1]:
+            if gqa:
+                extra["enable_gqa"] = True
+            else:  # older torch: expand the KV heads by hand
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **extra)
+
+    return run
+
+
+def packed_attention(q, k, v, cu_seqlens, max_seqlen, scale):
+    """Block-diagonal non-causal attention over packed segments.
+
+    q: (T, H, d), k and v: (T, Hkv, d), cu_seqlens: (S+1,) int32 -> (T, H, d)
+    """
+    kernel = _varlen_kernel() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if kernel is not None:
+        return kernel(q, k, v, cu_seqlens, max_seqlen, scale)
+    # Reference path (CPU, fp32): plain SDPA on each segment; no padding and no T x T mask.
+    rep = q.shape[1] // k.shape[1]
+    out = []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        qs = q[start:end].transpose(0, 1)  # (H, L, d)
+        ks = k[start:end].transpose(0, 1).repeat_interleave(rep, dim=0)
+        vs = v[start:end].transpose(0, 1).repeat_interleave(rep, dim=0)
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1))
+    return torch.cat(out, dim=0)
+
+
+def biencoder_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention interface: query (B, H, L, d), key/value (B, Hkv, L, d) -> (B, L, H, d)."""
+    cu_seqlens = kwargs.get("cu_seqlens")
+    if cu_seqlens is None:
+        # Padded batch. is_causal=False is passed explicitly: transformers' SDPA wrapper falls back
+        # to the module's own `is_causal` (True for Llama) whenever the mask is None, i.e. when a
+        # batch has no padding.
+        kwargs.pop("is_causal", None)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
+        )
+    assert query.shape[0] == 1, "a packed batch is one (1, T) sequence"
+    if dropout > 0:
+        raise ValueError("attention dropout is not supported on the packed path; set attention_dropout=0")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, d)
+    out = packed_attention(q, k, v, cu_seqlens, kwargs["max_seqlen"], scaling)
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, biencoder_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+__all__ = ["ATTN_IMPLEMENTATION", "biencoder_attention", "packed_attention"]

