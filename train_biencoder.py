@@ -1,0 +1,603 @@
+"""Train a bi-encoder embedding model with DeepSpeed ZeRO-3: the llama-embed-nemotron-8b recipe.
+
+In:  a base model (a Hugging Face hub name or local folder) and a folder written by prepare_data.py.
+Out: OUTPUT_DIR/ with config.json (the resolved config), metrics.jsonl (one line per optimizer
+     step) and checkpoints/<tag>/ (DeepSpeed ZeRO-3 shards + train_state.json), which
+     export_hf.py turns into a Hugging Face model.
+
+The recipe, on one 8-GPU node (every default is the published recipe's):
+    deepspeed --num_gpus 8 train_biencoder.py
+Several nodes, through DeepSpeed's hostfile:
+    deepspeed --hostfile hostfile train_biencoder.py
+A tiny CPU run:
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 train_biencoder.py --model tiny_llama/ --data prepared/ \
+        --deepspeed ds_configs/zero3_bf16.json --global-batch-size 8 --max-steps 3
+
+Re-running the same command after a crash resumes from the last complete checkpoint and ends with
+the same weights as an uninterrupted run.
+
+Math (recipe.md): optimizer step k takes the queries at positions [G*k, G*(k+1)) of
+randperm(N, seed + epoch); loss = mean over those G queries of the cross-entropy of each query over
+its own positive and k hard negatives; AdamW; LR of step s = f(s - 1), linear warmup then linear
+decay to 0 at the last step; clipping at the global grad norm. How the G queries are split across
+GPUs and micro-batches does not change the math (see `micro_batch_loss_scale`).
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+from transformers.integrations import HfDeepSpeedConfig
+
+from dataset import PreparedData
+from model import BiEncoder, contrastive_loss, pack
+
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class TrainConfig:
+    model: str = "meta-llama/Llama-3.1-8B"  # base model: hub name or local folder
+    data: str = "prepared/embed_nemotron_dataset_v1"  # folder written by prepare_data.py
+    output_dir: str = "output/llama_embed_nemotron_8b"
+    deepspeed: str = "ds_configs/zero3_bf16.json"  # engine settings only (ZeRO stage, bf16, buckets, offload)
+    global_batch_size: int = 128  # queries per optimizer step, all GPUs together
+    micro_batch_size: int | None = None  # queries per GPU per forward; None = pack by --max-tokens-per-gpu
+    max_tokens_per_gpu: int = 49152  # token budget of one packed micro-batch (queries + passages)
+    num_negatives: int = 4
+    temperature: float = 0.02
+    in_batch_negatives: bool = False
+    lr: float = 2e-6
+    warmup_steps: int = 2
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many steps; the LR schedule still spans the full run
+    seed: int = 125
+    save_every: int = 3000
+    keep_checkpoints: int = 2
+    gradient_checkpointing: bool = True
+    tensorboard: bool = False
+
+    def validate(self):
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+
+        need(self.global_batch_size >= 1, f"--global-batch-size must be >= 1, got {self.global_batch_size}")
+        need(
+            self.micro_batch_size is None or self.micro_batch_size >= 1,
+            f"--micro-batch-size must be >= 1, got {self.micro_batch_size}",
+        )
+        need(self.max_tokens_per_gpu >= 1, f"--max-tokens-per-gpu must be >= 1, got {self.max_tokens_per_gpu}")
+        need(self.num_negatives >= 0, f"--num-negatives must be >= 0, got {self.num_negatives}")
+        need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        need(self.lr >= 0 and self.weight_decay >= 0, "--lr and --weight-decay must be >= 0")
+        need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
+        need(self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}")
+        need(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        need(self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+
+
+# Settings a resumed run must share with the run that wrote the checkpoint: they define the data
+# order, the loss and the optimizer trajectory. (max_steps, save_every, output paths may change.)
+RESUME_FIELDS = (
+    "model", "data", "global_batch_size", "micro_batch_size", "max_tokens_per_gpu", "num_negatives",
+    "temperature", "in_batch_negatives", "lr", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
+    "adam_eps", "max_grad_norm", "epochs", "seed", "gradient_checkpointing",
+)  # fmt: skip
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """CLI flags, optionally on top of a JSON file (--config) with the same keys."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="JSON file with TrainConfig keys; flags given on the command line win")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:  # real on/off flags, never type=bool
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            cast = int if f.type in (int, int | None) else float if f.type is float else str
+            parser.add_argument(flag, dest=f.name, type=cast, default=None, help=f"default: {f.default}")
+    args = parser.parse_args(argv)
+    values = {}
+    if args.config:
+        values = json.loads(Path(args.config).read_text())
+        unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown:
+            raise ValueError(f"{args.config}: unknown keys {sorted(unknown)}")
+    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "local_rank")})
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def lr_at(n: int, cfg: TrainConfig, total_steps: int) -> float:
+    """f(n) of recipe.md; optimizer step s (1-based) uses f(s - 1).
+
+    Linear warmup from 0 to lr over warmup_steps, then linear decay to 0 at n = total_steps - 1.
+    """
+    last = total_steps - 1
+    if n <= cfg.warmup_steps:
+        return cfg.lr * n / max(cfg.warmup_steps, 1) if cfg.warmup_steps else cfg.lr
+    return cfg.lr * max(0.0, 1.0 - (n - cfg.warmup_steps) / max(last - cfg.warmup_steps, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed bookkeeping
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def log0(*args):
+    if rank() == 0:
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+def micro_batch_loss_scale(step_queries: int, world: int) -> float:
+    """Factor that turns a micro-batch's SUM of per-query losses into its share of the step's loss.
+
+    Wanted: grad = (1/G) * sum over the step's G queries of grad(CE_q), for any split.
+    DeepSpeed (backward with scale_wrt_gas=False, manual accumulation boundary) sums gradients over
+    a rank's micro-batches, then averages over the W data-parallel ranks: grad = (1/W) * sum_r sum_m
+    grad(L_rm). With L_rm = (W / G) * sum_{q in micro-batch} CE_q this is exactly (1/G) sum_q grad(CE_q).
+    No query sees another's passages (unless --in-batch-negatives), so each CE_q depends only on its
+    own micro-batch and the split cannot change the math. G is the step's real query count (the last
+    step of an epoch may hold fewer than --global-batch-size).
+    """
+    return world / step_queries
+
+
+def split_step(
+    queries: np.ndarray, lengths: np.ndarray, world: int, micro_batch_size: int | None, max_tokens: int
+) -> list[list[np.ndarray]]:
+    """Split one optimizer step's queries into per-rank lists of micro-batches.
+
+    Every rank gets the same number of micro-batches (ZeRO-3 needs the same collectives on every
+    rank). With micro_batch_size: rank r takes a contiguous slice of the step, cut into micro-batches
+    of at most micro_batch_size queries. Otherwise queries are balanced over ranks by tokens, then
+    over the fewest micro-batches that fit max_tokens (a query that alone exceeds it runs alone).
+    Deterministic, computed identically on every rank. `lengths`: tokens of each query's example.
+    """
+    if micro_batch_size is not None:
+        per_rank = np.array_split(queries, world)
+        m = max(math.ceil(len(r) / micro_batch_size) for r in per_rank)
+        return [np.array_split(r, m) for r in per_rank]
+    order = np.argsort(-lengths, kind="stable")  # longest first: greedy balancing (LPT)
+    ranks = [[] for _ in range(world)]
+    load = np.zeros(world, dtype=np.int64)
+    for i in order:
+        r = int(np.argmin(load))
+        ranks[r].append(i)
+        load[r] += lengths[i]
+
+    def pack_bins(items, m):
+        bins, bin_load = [[] for _ in range(m)], np.zeros(m, dtype=np.int64)
+        for i in items:  # items are already longest first
+            b = int(np.argmin(bin_load))
+            bins[b].append(i)
+            bin_load[b] += lengths[i]
+        fits = all(bin_load[b] <= max_tokens or len(bins[b]) == 1 for b in range(m))
+        return [sorted(b) for b in bins], fits
+
+    m = max(1, max(math.ceil(int(load[r]) / max_tokens) for r in range(world)))
+    while True:
+        packed = [pack_bins(items, m) for items in ranks]
+        if all(fits for _, fits in packed) or m >= max(len(items) for items in ranks):
+            break
+        m += 1
+    # keep the step's order inside each micro-batch; drop nothing, empty bins stay empty
+    return [[queries[np.array(b, dtype=np.int64)] for b in bins] for bins, _ in packed]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def epoch_order(num_queries: int, seed: int, epoch: int) -> np.ndarray:
+    """The recipe's order: torch.randperm(N, generator=manual_seed(seed + epoch))."""
+    return torch.randperm(num_queries, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+
+
+def example_lengths(data: PreparedData, num_negatives: int) -> np.ndarray:
+    """Tokens of each query's example (query + positive + negatives), for token-budget packing."""
+    q_len = np.diff(data.query_offsets)
+    d_len = np.diff(data.doc_offsets)
+    return q_len + d_len[data.query_docs[:, : 1 + num_negatives]].sum(axis=1)
+
+
+def collate(data: PreparedData, queries: np.ndarray, num_negatives: int, device) -> tuple:
+    """Queries then their passages, packed: (input_ids (T,), cu_seqlens (S+1,), doc_ids (B*(1+k),))."""
+    docs = data.query_docs[queries, : 1 + num_negatives].reshape(-1)
+    seqs = [data.query(i) for i in queries] + [data.doc(j) for j in docs]
+    input_ids, cu = pack(seqs, device)
+    return input_ids, cu, torch.as_tensor(docs, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before any GPU work
+
+
+def check_inputs(cfg: TrainConfig, world: int) -> PreparedData:
+    data_path = Path(cfg.data)
+    if not (data_path / "meta.json").is_file():
+        raise ValueError(
+            f"--data {cfg.data}: no prepared data (meta.json missing). Run: python prepare_data.py --output-dir {cfg.data}"
+        )
+    data = PreparedData(data_path)
+    stored = data.meta["num_negatives"]
+    if cfg.num_negatives > stored:
+        raise ValueError(
+            f"--num-negatives {cfg.num_negatives} but {cfg.data} holds {stored} negatives per query; "
+            f"re-run prepare_data.py with --num-negatives {cfg.num_negatives} or lower --num-negatives"
+        )
+    model_path = Path(cfg.model)
+    if model_path.exists():
+        weights = list(model_path.glob("*.safetensors")) + list(model_path.glob("*.bin"))
+        if not (model_path / "config.json").is_file() or not weights:
+            raise ValueError(f"--model {cfg.model}: a model folder needs config.json and *.safetensors/*.bin weights")
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    if len(tok) != data.meta["vocab_size"]:
+        raise ValueError(
+            f"{cfg.data} was tokenized with {data.meta['tokenizer']} (vocab {data.meta['vocab_size']}) but the "
+            f"tokenizer of --model {cfg.model} has {len(tok)} tokens; re-run prepare_data.py --tokenizer {cfg.model}"
+        )
+    G = cfg.global_batch_size
+    if G % world:
+        raise ValueError(f"--global-batch-size {G} is not divisible by the {world} GPUs")
+    if cfg.micro_batch_size is not None:
+        share = G // world
+        if cfg.micro_batch_size > share:
+            raise ValueError(
+                f"--micro-batch-size {cfg.micro_batch_size} exceeds a GPU's share of the step ({G} / {world} = {share})"
+            )
+        if share % cfg.micro_batch_size:
+            raise ValueError(
+                f"--global-batch-size {G} != per-GPU x accumulation x GPUs: {share} queries per GPU do not "
+                f"divide into micro-batches of {cfg.micro_batch_size}"
+            )
+    if len(data) == 0:
+        raise ValueError(f"{cfg.data} holds no queries")
+    return data
+
+
+ENGINE_ONLY_KEYS = ("optimizer", "scheduler")
+
+
+def build_ds_config(cfg: TrainConfig, world: int) -> dict:
+    """The JSON engine settings + the batch arithmetic and clipping, whose one source is this script."""
+    if not Path(cfg.deepspeed).is_file():
+        raise ValueError(f"--deepspeed {cfg.deepspeed}: no such file (see ds_configs/)")
+    ds = json.loads(Path(cfg.deepspeed).read_text())
+    for key in ENGINE_ONLY_KEYS:
+        if key in ds:
+            raise ValueError(f"{cfg.deepspeed}: remove '{key}'; the optimizer and LR schedule are set by the script")
+    micro = cfg.micro_batch_size or 1
+    gas = max(cfg.global_batch_size // (micro * world), 1)
+    wanted = {
+        "train_batch_size": micro * gas * world,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": cfg.max_grad_norm,
+    }
+    for key, value in wanted.items():
+        if key in ds and ds[key] != value and ds[key] != "auto":
+            raise ValueError(
+                f"{cfg.deepspeed}: '{key}': {ds[key]} contradicts the script's batch arithmetic ({value}); "
+                f"remove it from the JSON and set --global-batch-size / --micro-batch-size / --max-grad-norm"
+            )
+        if ds.get(key) == "auto":
+            raise ValueError(f"{cfg.deepspeed}: '{key}': \"auto\" is only resolved by the HF Trainer; remove it")
+    ds.update(wanted)
+    if ds.get("zero_optimization", {}).get("stage") != 3:
+        raise ValueError(f"{cfg.deepspeed}: this script trains with ZeRO stage 3 (zero_optimization.stage = 3)")
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    f = ckpt_dir / LATEST
+    return f.read_text().strip() if f.is_file() else None
+
+
+def save_checkpoint(engine, cfg: TrainConfig, step: int, num_steps: int, final_loss: float | None, data_meta: dict):
+    """DeepSpeed's shards + our state; `latest` moves only after every rank finished writing."""
+    ckpt_dir = Path(cfg.output_dir) / CKPT_DIR
+    tag = f"step_{step:08d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    tag_dir = ckpt_dir / tag
+    # Per-rank RNG (dropout in BERT-family encoders): restored on resume for bitwise equality.
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tag_dir / f"rng_rank{rank():05d}.pt")
+    if rank() == 0:
+        instructions = {s["query_instruction"] for s in data_meta["subsets"]}
+        state = {
+            "step": step,
+            "num_steps": num_steps,
+            "final_loss": final_loss,
+            "world_size": world_size(),
+            "config": dataclasses.asdict(cfg),
+            "query_instruction": instructions.pop() if len(instructions) == 1 else "",
+            "query_instructions": {s["name"]: s["query_instruction"] for s in data_meta["subsets"]},
+            "command": " ".join(sys.argv),
+        }
+        write_atomic(tag_dir / "train_state.json", json.dumps(state, indent=2))
+    maybe_fault("save", step)
+    dist.barrier()
+    if rank() == 0:
+        write_atomic(ckpt_dir / LATEST, tag)
+        prune_checkpoints(ckpt_dir, tag, cfg.keep_checkpoints)
+    dist.barrier()
+
+
+def prune_checkpoints(ckpt_dir: Path, latest: str, keep: int):
+    """Keep the newest `keep` complete checkpoints up to `latest`; drop the rest (and crash leftovers)."""
+    tags = sorted(p.name for p in ckpt_dir.glob("step_*") if p.is_dir())
+    complete = [t for t in tags if t <= latest and (ckpt_dir / t / "train_state.json").is_file()]
+    for t in tags:
+        if t not in complete[-keep:]:
+            shutil.rmtree(ckpt_dir / t, ignore_errors=True)
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def maybe_fault(where: str, step: int):
+    """Fault injection for the crash tests: BIENCODER_FAULT=save:STEP kills the whole job mid-save
+    (after the shards of STEP are written, before `latest` moves), as a node failure would."""
+    if os.environ.get("BIENCODER_FAULT") == f"{where}:{step}" and rank() == 0:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def resume(engine, cfg: TrainConfig) -> int:
+    """Load the last complete checkpoint, if any; return the number of steps already done."""
+    ckpt_dir = Path(cfg.output_dir) / CKPT_DIR
+    tag = read_latest(ckpt_dir)
+    if tag is None:
+        return 0
+    state = json.loads((ckpt_dir / tag / "train_state.json").read_text())
+    diff = [k for k in RESUME_FIELDS if state["config"].get(k) != getattr(cfg, k)]
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs now {getattr(cfg, k)!r}" for k in diff)
+        raise ValueError(
+            f"{ckpt_dir / tag} was written with other settings ({details}); "
+            f"use the same settings to resume or another --output-dir to start a new run"
+        )
+    if state["world_size"] != world_size():
+        raise ValueError(
+            f"{ckpt_dir / tag} was written by {state['world_size']} GPUs, this run has {world_size()}: "
+            "ZeRO-3 checkpoints resume on the same number of GPUs"
+        )
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:  # DeepSpeed only warns when it cannot load
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    rng = torch.load(ckpt_dir / tag / f"rng_rank{rank():05d}.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return int(client["step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+class Metrics:
+    """metrics.jsonl (rank 0), one fixed-format console line per step, optional TensorBoard."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int):
+        self.path = Path(cfg.output_dir) / "metrics.jsonl"
+        self.tb = None
+        if rank() != 0:
+            return
+        # A crash may have logged steps after the last checkpoint: those steps will run again.
+        if self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
+            write_atomic(self.path, "".join(ln + "\n" for ln in kept))
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            self.tb = SummaryWriter(str(Path(cfg.output_dir) / "tensorboard"))
+
+    def log(self, row: dict, num_steps: int):
+        if rank() != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+        tqdm.write(
+            f"step {row['step']}/{num_steps} | loss {row['loss']:.4f} | lr {row['lr']:.3e} | "
+            f"grad_norm {row['grad_norm']:.3f} | tok/s {row['tokens_per_s']:.0f} | mem {row['peak_mem_gb']:.2f} GB"
+        )
+
+
+def peak_memory_gb() -> float:
+    """Peak accelerator memory of this rank; on the CPU, the process's peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and engine
+
+
+def build_engine(cfg: TrainConfig, ds_config: dict):
+    bf16 = ds_config.get("bf16", {}).get("enabled", False)
+    # HfDeepSpeedConfig makes from_pretrained load under deepspeed.zero.Init: each rank only ever
+    # holds its partition of the weights, so an 8B model never sits whole on one GPU or process.
+    hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must stay alive while the model loads)
+    model = BiEncoder.from_pretrained(cfg.model, dtype=torch.bfloat16 if bf16 else torch.float32, tokenizer=False)
+    if cfg.gradient_checkpointing:
+        # Recompute each layer in the backward pass (math-neutral); renamed in newer transformers.
+        enable = getattr(model.encoder, "activation_checkpointing_enable", None) or getattr(
+            model.encoder, "gradient_checkpointing_enable"
+        )
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    # Decoupled weight decay on all parameters, norms and embeddings included, as the recipe does.
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+    return model, optimizer
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    W = int(os.environ.get("WORLD_SIZE", "1"))  # set by the deepspeed launcher on every rank
+    data = check_inputs(cfg, W)  # user errors surface here, before any GPU work
+    ds_config = build_ds_config(cfg, W)
+    deepspeed.init_distributed()
+    assert world_size() == W, (world_size(), W)
+    torch.manual_seed(cfg.seed)
+
+    steps_per_epoch = math.ceil(len(data) / cfg.global_batch_size)
+    num_steps = cfg.epochs * steps_per_epoch  # the schedule's length
+    last_step = min(num_steps, cfg.max_steps or num_steps)  # where this run stops
+    lengths = example_lengths(data, cfg.num_negatives)
+
+    model, optimizer = build_engine(cfg, ds_config)
+    # LambdaLR's factor at its n-th step() is f(n)/lr; DeepSpeed calls step() after each optimizer
+    # step, so optimizer step s runs with f(s - 1): 0, lr/2, lr, ... for the recipe.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda n: lr_at(n, cfg, num_steps) / cfg.lr if cfg.lr else 0.0
+    )
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    device = engine.device
+
+    start_step = resume(engine, cfg)
+    if rank() == 0:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(cfg.output_dir) / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    mode = (
+        f"per-GPU {cfg.micro_batch_size} x accumulation {cfg.global_batch_size // (cfg.micro_batch_size * W)}"
+        if cfg.micro_batch_size
+        else f"packed micro-batches of <= {cfg.max_tokens_per_gpu} tokens"
+    )
+    log0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    log0(f"queries/step = {cfg.global_batch_size} over {W} GPUs ({mode}); {len(data)} queries, {num_steps} steps")
+    if start_step:
+        log0(f"resumed from step {start_step}")
+    metrics = Metrics(cfg, start_step)
+
+    final_loss = None
+    bar = tqdm(total=last_step, initial=start_step, desc="train", unit="step", disable=rank() != 0)
+    for step in range(start_step + 1, last_step + 1):  # step is 1-based
+        epoch, k = divmod(step - 1, steps_per_epoch)
+        queries = epoch_order(len(data), cfg.seed, epoch)[k * cfg.global_batch_size : (k + 1) * cfg.global_batch_size]
+        t0 = time.perf_counter()
+        loss_sum, tokens = train_step(engine, data, cfg, queries, lengths, device)
+        totals = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)  # for logging and the NaN check only; gradients are DeepSpeed's
+        loss = totals[0].item() / len(queries)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"step {step}: loss is {loss}; the step was not applied. Last complete checkpoint: "
+                f"{read_latest(Path(cfg.output_dir) / CKPT_DIR)}. Lower --lr or check the data."
+            )
+        lr = engine.get_lr()[0]
+        engine.step()
+        elapsed = time.perf_counter() - t0
+        final_loss = loss
+        row = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(engine.get_global_grad_norm()),
+            "num_queries": len(queries),
+            "tokens": int(totals[1].item()),
+            "tokens_per_s": totals[1].item() / elapsed,
+            "step_time_s": elapsed,
+            "peak_mem_gb": peak_memory_gb(),
+        }
+        metrics.log(row, num_steps)
+        bar.update(1)
+        if step % cfg.save_every == 0 or step == last_step:
+            save_checkpoint(engine, cfg, step, num_steps, final_loss, data.meta)
+    bar.close()
+    log0(f"done: {last_step} steps, final loss {final_loss}, checkpoints in {Path(cfg.output_dir) / CKPT_DIR}")
+
+
+def train_step(engine, data, cfg: TrainConfig, queries: np.ndarray, lengths: np.ndarray, device) -> tuple:
+    """Forward/backward every micro-batch of this rank for one optimizer step (no optimizer update).
+
+    Returns this rank's sum of per-query losses and its number of tokens computed.
+    """
+    W = world_size()
+    micro_batches = split_step(queries, lengths[queries], W, cfg.micro_batch_size, cfg.max_tokens_per_gpu)[rank()]
+    scale = micro_batch_loss_scale(len(queries), W)
+    loss_sum, tokens = 0.0, 0
+    for i, mb in enumerate(micro_batches):
+        engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
+        dummy = len(mb) == 0  # this rank got no query in this micro-batch: run one, count it 0 times
+        mb = queries[:1] if dummy else mb
+        input_ids, cu_seqlens, doc_ids = collate(data, mb, cfg.num_negatives, device)
+        emb = engine(input_ids, cu_seqlens)  # queries and passages in one call: (B + B*(1+k), D)
+        q, p = emb[: len(mb)], emb[len(mb) :]
+        loss = contrastive_loss(q, p, cfg.temperature, cfg.in_batch_negatives, doc_ids, reduction="sum")
+        engine.backward(loss * (0.0 if dummy else scale), scale_wrt_gas=False)
+        if not dummy:
+            loss_sum += loss.item()
+            tokens += input_ids.numel()
+    return loss_sum, tokens
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:  # a user error: say what to fix, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
