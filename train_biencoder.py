@@ -254,7 +254,8 @@ def check_inputs(cfg: TrainConfig, world: int) -> PreparedData:
     data_path = Path(cfg.data)
     if not (data_path / "meta.json").is_file():
         raise ValueError(
-            f"--data {cfg.data}: no prepared data (meta.json missing). Run: python prepare_data.py --output-dir {cfg.data}"
+            f"--data {cfg.data}: no prepared data (meta.json missing). "
+            f"Run: python prepare_data.py --output-dir {cfg.data}"
         )
     data = PreparedData(data_path)
     stored = data.meta["num_negatives"]
@@ -476,9 +477,8 @@ def build_engine(cfg: TrainConfig, ds_config: dict):
     model = BiEncoder.from_pretrained(cfg.model, dtype=torch.bfloat16 if bf16 else torch.float32, tokenizer=False)
     if cfg.gradient_checkpointing:
         # Recompute each layer in the backward pass (math-neutral); renamed in newer transformers.
-        enable = getattr(model.encoder, "activation_checkpointing_enable", None) or getattr(
-            model.encoder, "gradient_checkpointing_enable"
-        )
+        encoder = model.encoder
+        enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     # Decoupled weight decay on all parameters, norms and embeddings included, as the recipe does.
