@@ -476,10 +476,12 @@ def build_engine(cfg: TrainConfig, ds_config: dict):
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must stay alive while the model loads)
     model = BiEncoder.from_pretrained(cfg.model, dtype=torch.bfloat16 if bf16 else torch.float32, tokenizer=False)
     if cfg.gradient_checkpointing:
-        # Recompute each layer in the backward pass (math-neutral); renamed in newer transformers.
-        encoder = model.encoder
-        enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Recompute each layer in the backward pass (math-neutral); renamed in transformers 5.x.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model.encoder, "activation_checkpointing_enable"):
+            model.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     # Decoupled weight decay on all parameters, norms and embeddings included, as the recipe does.
     optimizer = torch.optim.AdamW(

@@ -60,15 +60,17 @@ def _varlen_kernel():
     return run
 
 
-def packed_attention(q, k, v, cu_seqlens, max_seqlen, scale):
+def packed_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout=0.0):
     """Block-diagonal non-causal attention over packed segments.
 
     q: (T, H, d), k and v: (T, Hkv, d), cu_seqlens: (S+1,) int32 -> (T, H, d)
     """
-    kernel = _varlen_kernel() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    fast = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0
+    kernel = _varlen_kernel() if fast else None
     if kernel is not None:
         return kernel(q, k, v, cu_seqlens, max_seqlen, scale)
-    # Reference path (CPU, fp32): plain SDPA on each segment; no padding and no T x T mask.
+    # Reference path (CPU, fp32, attention dropout as BERT-family encoders train with): plain
+    # SDPA on each segment; no padding and no T x T mask.
     rep = q.shape[1] // k.shape[1]
     out = []
     bounds = cu_seqlens.tolist()
@@ -76,7 +78,7 @@ def packed_attention(q, k, v, cu_seqlens, max_seqlen, scale):
         qs = q[start:end].transpose(0, 1)  # (H, L, d)
         ks = k[start:end].transpose(0, 1).repeat_interleave(rep, dim=0)
         vs = v[start:end].transpose(0, 1).repeat_interleave(rep, dim=0)
-        out.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1))
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=scale).transpose(0, 1))
     return torch.cat(out, dim=0)
 
 
@@ -92,10 +94,8 @@ def biencoder_attention(module, query, key, value, attention_mask, dropout=0.0, 
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
         )
     assert query.shape[0] == 1, "a packed batch is one (1, T) sequence"
-    if dropout > 0:
-        raise ValueError("attention dropout is not supported on the packed path; set attention_dropout=0")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, d)
-    out = packed_attention(q, k, v, cu_seqlens, kwargs["max_seqlen"], scaling)
+    out = packed_attention(q, k, v, cu_seqlens, kwargs["max_seqlen"], scaling, dropout)
     return out.unsqueeze(0), None
 
 
