@@ -58,7 +58,7 @@ LATEST = "latest"
 @dataclass
 class TrainConfig:
     model: str = "meta-llama/Llama-3.1-8B"  # base model: hub name or local folder
-    data: str = "prepared/embed_nemotron_dataset_v1"  # folder written by prepare_data.py
+    data: str = "prepared"  # folder written by prepare_data.py (its default --output-dir)
     output_dir: str = "output/llama_embed_nemotron_8b"
     deepspeed: str = "ds_configs/zero3_bf16.json"  # engine settings only (ZeRO stage, bf16, buckets, offload)
     global_batch_size: int = 128  # queries per optimizer step, all GPUs together
