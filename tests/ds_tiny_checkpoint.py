@@ -1,0 +1,133 @@
+"""Write a real ZeRO-3 checkpoint of a tiny BiEncoder, in the trainer's layout, for export tests.
+
+Launched by tests/test_export.py (and bench/bench_export.py) as
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/ds_tiny_checkpoint.py --model DIR --output-dir OUT
+
+It runs a few AdamW steps on random token sequences through `model.BiEncoder` under ZeRO-3 and
+saves with `engine.save_checkpoint` exactly where train_biencoder.py saves:
+
+    OUT/checkpoints/step_{step:08d}/  DeepSpeed's files + train_state.json
+    OUT/checkpoints/latest            tag of the last complete checkpoint
+
+With --probe-out it also embeds a few probe texts with the training-time model (parameters
+gathered from all ranks, the prompt as in training) and saves them: the reference that an
+export must reproduce.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import BiEncoder, contrastive_loss, pack  # noqa: E402
+
+QUERY_INSTRUCTION = "Instruct: Given a question, retrieve passages that answer the question\nQuery:"
+PROBE_QUERIES = ["how do bi-encoders pool token states?", "what is ZeRO-3?"]
+PROBE_DOCUMENTS = ["Mean pooling averages the final hidden states.", "ZeRO-3 shards parameters across ranks.", "x"]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="base model folder (tiny Llama or MiniLM)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
+    p.add_argument("--bf16", action="store_true", help="bf16 params with fp32 master weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-2, help="large, so that the weights move visibly")
+    p.add_argument("--probe-out", help="save the training-time model's probe embeddings here (.pt)")
+    p.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
+    return p.parse_args()
+
+
+def random_batch(step, vocab, num_docs=2):
+    """One query and its passages as random token sequences, the same on every rank for a step."""
+    g = torch.Generator().manual_seed(1000 + step)
+    seqs = []
+    for _ in range(1 + num_docs):
+        n = int(torch.randint(3, 12, (1,), generator=g))
+        seqs.append(torch.randint(0, vocab, (n,), generator=g).tolist())
+    return seqs
+
+
+def save(engine, ckpt_dir: Path, step: int, num_steps: int, loss: float, config: dict):
+    tag = f"step_{step:08d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    dist.barrier()  # every rank has written its files
+    if dist.get_rank() == 0:
+        state = {
+            "step": step,
+            "num_steps": num_steps,
+            "final_loss": loss,
+            "config": config,
+            "query_instruction": QUERY_INSTRUCTION,
+            "command": " ".join(["deepspeed", "--num_gpus", str(dist.get_world_size())] + sys.argv),
+        }
+        (ckpt_dir / tag / "train_state.json").write_text(json.dumps(state, indent=2))
+        tmp = ckpt_dir / "latest.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, ckpt_dir / "latest")
+    dist.barrier()
+
+
+def main():
+    args = parse_args()
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(args.seed)
+    model = BiEncoder.from_pretrained(args.model)
+    # Different seeds give different runs (for merge tests): nudge the base weights per seed.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * args.seed * torch.randn_like(p))
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": args.bf16},
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    vocab = model.encoder.config.vocab_size
+    config = {"model": args.model, "data": "random tokens", "output_dir": args.output_dir, "lr": args.lr}
+    config.update(global_batch_size=dist.get_world_size(), micro_batch_size=1, num_negatives=1, temperature=0.02)
+    ckpt_dir = Path(args.output_dir) / "checkpoints"
+    loss = None
+    for step in range(1, args.steps + 1):
+        seqs = random_batch(step * dist.get_world_size() + dist.get_rank(), vocab)
+        emb = engine(*pack(seqs))
+        loss = contrastive_loss(emb[:1], emb[1:])
+        engine.backward(loss)
+        engine.step()
+        loss = loss.item()
+        if step == args.steps or (args.save_every and step % args.save_every == 0):
+            save(engine, ckpt_dir, step, args.steps, loss, config)
+
+    if args.probe_out:
+        # The training-time model: full parameters gathered from all ranks, in the training dtype.
+        module = engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            if dist.get_rank() == 0:
+                module.eval()
+                with torch.no_grad():
+                    prompt = QUERY_INSTRUCTION + " "
+                    out = {
+                        "query": module.encode(PROBE_QUERIES, prompt=prompt).float(),
+                        "document": module.encode(PROBE_DOCUMENTS).float(),
+                        "queries": PROBE_QUERIES,
+                        "documents": PROBE_DOCUMENTS,
+                        "query_prompt": prompt,
+                    }
+                torch.save(out, args.probe_out)
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
