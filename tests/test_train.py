@@ -8,6 +8,7 @@ independence from the GPU / micro-batch split, exact resume after kills, and the
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,10 +67,16 @@ def setup(tmp_path_factory):
     return {"root": root, "model": model, "data": data, "ds": ds}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(setup, out: str, ranks: int = 2, extra=(), env=None, check=True, timeout=600):
     """Run the training script under the deepspeed launcher; returns (process result, output dir)."""
     out_dir = setup["root"] / out
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000)]
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port())]
     cmd += [str(REPO / "train_biencoder.py"), "--model", str(setup["model"]), "--data", str(setup["data"])]
     cmd += ["--output-dir", str(out_dir), "--deepspeed", str(setup["ds"]), "--global-batch-size", "8"]
     cmd += ["--lr", "1e-3", "--save-every", "2", *extra]
@@ -154,7 +161,7 @@ def test_kill_and_resume_give_bitwise_equal_weights(setup):
     # 2) kill -9 of the launcher's whole process group in the middle of training
     killed = setup["root"] / "killed"
     proc = subprocess.Popen(
-        ["deepspeed", "--num_gpus", "2", "--master_port", str(28000 + os.getpid() % 1000)]
+        ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
         + [str(REPO / "train_biencoder.py"), "--model", str(setup["model"]), "--data", str(setup["data"])]
         + ["--output-dir", str(killed), "--deepspeed", str(setup["ds"]), "--global-batch-size", "8"]
         + ["--lr", "1e-3", "--save-every", "2", *steps],
