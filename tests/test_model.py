@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import llama_tokenizer_dir, minilm_dir, save_tiny_llama, tiny_llama
 from transformers import AutoTokenizer
 
 from model import BiEncoder, contrastive_loss, make_bidirectional, pack
+from tiny_models import llama_tokenizer_dir, minilm_dir, save_tiny_llama, tiny_llama
 
 SEQS = [[128000, 5, 6, 7, 8, 9], [128000, 9, 10], [128000, 3, 4, 5, 6, 7, 8, 9, 10, 11], [128000, 42]]
 
