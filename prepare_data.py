@@ -193,7 +193,7 @@ class ShardTokenizer:
 
     It calls the tokenizer's Rust backend directly (the object transformers calls, minus the
     Python BatchEncoding), enabling truncation the way transformers enables it. Worker processes
-    rebuild the backend from its JSON, so they need no transformers import.
+    rebuild the backend with `tokenizers` alone (see backend_source), without transformers.
     """
 
     def __init__(self, backend, vocab_size: int, truncation_side: str, tokenizer_name: str):
@@ -412,7 +412,7 @@ def fetch_hf_subsets(root: Path, names: list[str]) -> None:
 def _lookup_text(ids: pa.ChunkedArray, texts: pa.ChunkedArray, prefix: str, path: Path) -> pa.ChunkedArray:
     """Texts for ids "{prefix}{i}" = row i of `texts` (the convention of embed-nemotron's ids_only subsets)."""
     ids = pc.cast(ids, pa.string())
-    ok = pc.and_(pc.starts_with(ids, prefix), pc.match_substring_regex(ids, rf"^{prefix}[0-9]+$")).fill_null(False)
+    ok = pc.match_substring_regex(ids, rf"^{prefix}[0-9]+$").fill_null(False)
     if not pc.all(ok).as_py():
         bad = ids.filter(pc.invert(ok))[0].as_py()
         raise DataError(f"{path}: id {bad!r} is not of the form {prefix}<row>")
@@ -465,6 +465,21 @@ def restore_ids_only(subset_dir: Path) -> None:
         os.replace(tmp, subset_dir / name)  # atomic: a crash leaves no half-restored file
 
 
+def first_true(mask) -> int:
+    """Index of the first true value of a boolean (pyarrow or numpy) array."""
+    return int(
+        np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False) if hasattr(mask, "to_numpy") else mask))[0]
+    )
+
+
+def check_unique(ids: pa.Array, path: Path, what: str) -> None:
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+        rows = np.flatnonzero(pc.equal(ids, dup).to_numpy(zero_copy_only=False))[:2].tolist()
+        raise DataError(f"{path}: duplicate {what} {dup!r} (rows {rows})")
+
+
 def string_ids(values: pa.Array, path: Path, what: str) -> pa.Array:
     """Ids as strings ("Ids may be strings or ints: compare them as strings", recipe.md)."""
     if not (
@@ -482,14 +497,15 @@ def doc_id_lists(column: pa.ChunkedArray, path: Path, name: str, question_ids: p
     lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     values = lists.flatten()
+    if pa.types.is_null(values.type) and len(values) == 0:  # every list empty: no element type was inferred
+        values = pa.array([], pa.string())
     if pa.types.is_struct(values.type):
         if values.type.get_field_index("id") < 0:
             raise DataError(f"{path}: column {name!r} holds structs without an 'id' field ({values.type})")
         values = pc.struct_field(values, "id")
     values = string_ids(values, path, f"{name} ids")
     if values.null_count:
-        at = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
-        row = int(np.searchsorted(offsets, at, side="right") - 1)
+        row = int(np.searchsorted(offsets, first_true(values.is_null()), side="right") - 1)
         raise DataError(f"{path}: query {question_ids[row].as_py()!r} (row {row}): a {name} entry has a null id")
     return offsets, values
 
@@ -580,6 +596,21 @@ def invalid_rows(n_pos: np.ndarray, n_neg: np.ndarray, k: int, skip_invalid: boo
     return invalid
 
 
+def corpus_rows(corpus_file: Path, ids: pa.Array) -> pa.Array:
+    """Row of each id in corpus.parquet (null where absent), after checking the corpus's columns."""
+    schema = parquet_schema(corpus_file)
+    if "text" not in schema.names:
+        raise DataError(f"{corpus_file}: missing column(s) ['text']; it has {schema.names}")
+    text_type = schema.field("text").type  # the text itself is read in pass 2
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise DataError(f"{corpus_file}: column 'text' must hold strings, got {text_type}")
+    corpus_ids = string_ids(read_parquet(corpus_file, ["id"])["id"].combine_chunks(), corpus_file, "id")
+    if corpus_ids.null_count:
+        raise DataError(f"{corpus_file}: row {first_true(corpus_ids.is_null())} has a null id")
+    check_unique(corpus_ids, corpus_file, "id")
+    return pc.index_in(ids, value_set=corpus_ids)
+
+
 def plan_hf_subset(subset_dir: Path, cfg: Config, docs: DocIndex) -> Plan:
     k = cfg.num_negatives
     meta_path = subset_dir / "dataset_metadata.json"
@@ -606,28 +637,22 @@ def plan_hf_subset(subset_dir: Path, cfg: Config, docs: DocIndex) -> Plan:
     table = read_parquet(queries_file, columns + optional)
     qids = string_ids(table["question_id"].combine_chunks(), queries_file, "question_id")
     if qids.null_count:
-        row = int(np.flatnonzero(qids.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DataError(f"{queries_file}: row {row} has a null question_id")
+        raise DataError(f"{queries_file}: row {first_true(qids.is_null())} has a null question_id")
 
     def describe(row: int) -> str:
         return f"{queries_file}: query {qids[row].as_py()!r} (row {row})"
 
-    if pc.count_distinct(qids).as_py() != len(qids):
-        counts = pc.value_counts(qids)
-        dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
-        rows = np.flatnonzero(pc.equal(qids, dup).to_numpy(zero_copy_only=False))[:2].tolist()
-        raise DataError(f"{queries_file}: duplicate question_id {dup!r} (rows {rows})")
+    check_unique(qids, queries_file, "question_id")
     question = table["question"]
     if not (pa.types.is_string(question.type) or pa.types.is_large_string(question.type)):
         raise DataError(f"{queries_file}: column 'question' must hold strings, got {question.type}")
     if question.null_count:
-        row = int(np.flatnonzero(question.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DataError(f"{describe(row)}: question is null")
+        raise DataError(f"{describe(first_true(question.is_null()))}: question is null")
     if "corpus_id" in table.column_names:
         # The reference looks each query's documents up in the corpus its row names.
         other = pc.not_equal(pc.cast(table["corpus_id"], pa.string()), meta["corpus_id"]).fill_null(True)
         if pc.any(other).as_py():
-            row = int(np.flatnonzero(other.to_numpy(zero_copy_only=False))[0])
+            row = first_true(other)
             raise DataError(
                 f"{describe(row)}: corpus_id {table['corpus_id'][row].as_py()!r} is not "
                 f"{meta['corpus_id']!r} of {meta_path}"
@@ -643,24 +668,9 @@ def plan_hf_subset(subset_dir: Path, cfg: Config, docs: DocIndex) -> Plan:
     group = (meta["corpus_id"], instructions["passage_instruction"])
     index, new_ids, first_ref = docs.assign(group, refs)
 
-    corpus_schema = parquet_schema(corpus_file)
-    if "text" not in corpus_schema.names:
-        raise DataError(f"{corpus_file}: missing column(s) ['text']; it has {corpus_schema.names}")
-    text_type = corpus_schema.field("text").type  # the text itself is read in pass 2
-    corpus = read_parquet(corpus_file, ["id"])
-    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-        raise DataError(f"{corpus_file}: column 'text' must hold strings, got {text_type}")
-    corpus_ids = string_ids(corpus["id"].combine_chunks(), corpus_file, "id")
-    if corpus_ids.null_count:
-        row = int(np.flatnonzero(corpus_ids.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DataError(f"{corpus_file}: row {row} has a null id")
-    if pc.count_distinct(corpus_ids).as_py() != len(corpus_ids):
-        counts = pc.value_counts(corpus_ids)
-        dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
-        raise DataError(f"{corpus_file}: duplicate id {dup!r}")
-    doc_rows = pc.index_in(new_ids, value_set=corpus_ids)
+    doc_rows = corpus_rows(corpus_file, new_ids)
     if doc_rows.null_count:
-        at = int(np.flatnonzero(doc_rows.is_null().to_numpy(zero_copy_only=False))[0])
+        at = first_true(doc_rows.is_null())
         q, col = divmod(int(first_ref[at]), 1 + k)
         role = "positive" if col == 0 else f"negative {col}"
         raise DataError(f"{describe(int(rows[q]))}: {role} document id {new_ids[at].as_py()!r} is not in {corpus_file}")
@@ -679,50 +689,54 @@ def plan_hf_subset(subset_dir: Path, cfg: Config, docs: DocIndex) -> Plan:
     )
 
 
+def parse_jsonl_line(line: str, where: str) -> tuple[str, list[str], list[str], str]:
+    """(query, pos, neg, prompt) of one line, checked; a missing "neg" is an empty list."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("query", "pos"):
+        if key not in obj:
+            raise DataError(f"{where}: missing key {key!r}")
+    query, pos, neg, prompt = obj["query"], obj["pos"], obj.get("neg", []), obj.get("prompt") or ""
+    for key, value in (("query", query), ("prompt", prompt)):
+        if not isinstance(value, str):
+            raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    for key, value in (("pos", pos), ("neg", neg)):
+        if not isinstance(value, list):
+            raise DataError(f"{where}: {key!r} must be a list of strings, got {type(value).__name__}")
+        for i, text in enumerate(value):
+            if not isinstance(text, str):
+                raise DataError(f"{where}: {key}[{i}] must be a string, got {type(text).__name__}")
+    return query, pos, neg, prompt
+
+
 def plan_jsonl(path: Path, cfg: Config, docs: DocIndex) -> Plan:
     """One FlagEmbedding-style JSONL file: {"query": str, "pos": [str], "neg": [str], "prompt": str}."""
     k = cfg.num_negatives
     queries, refs, prompts = [], [], set()
     skipped = 0
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 ({e})") from e
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e})") from e
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        for key in ("query", "pos"):
-            if key not in obj:
-                raise DataError(f"{where}: missing key {key!r}")
-        query, pos, neg, prompt = obj["query"], obj["pos"], obj.get("neg", []), obj.get("prompt") or ""
-        if not isinstance(query, str):
-            raise DataError(f"{where}: 'query' must be a string, got {type(query).__name__}")
-        if not isinstance(prompt, str):
-            raise DataError(f"{where}: 'prompt' must be a string, got {type(prompt).__name__}")
-        for key, value in (("pos", pos), ("neg", neg)):
-            if not isinstance(value, list):
-                raise DataError(f"{where}: {key!r} must be a list of strings, got {type(value).__name__}")
-            for i, text in enumerate(value):
-                if not isinstance(text, str):
-                    raise DataError(f"{where}: {key}[{i}] must be a string, got {type(text).__name__}")
-        if not pos or (k > 0 and not neg):
-            if not cfg.skip_invalid:
-                empty = "pos" if not pos else "neg"
-                raise DataError(f"{where}: empty {empty!r}; pass --skip-invalid to skip such queries")
-            skipped += 1
-            continue
-        prompts.add(prompt)
-        queries.append(f"{prompt} {query}" if prompt else query)
-        refs.append(pos[0])
-        refs.extend(neg[j % len(neg)] for j in range(k))
+    with open(path, "rb") as f:  # bytes, so that a decoding error names its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 ({e})") from e
+            if not line.strip():
+                continue
+            query, pos, neg, prompt = parse_jsonl_line(line, f"{path}:{lineno}")
+            if not pos or (k > 0 and not neg):
+                if not cfg.skip_invalid:
+                    empty = "pos" if not pos else "neg"
+                    raise DataError(f"{path}:{lineno}: empty {empty!r}; pass --skip-invalid to skip such queries")
+                skipped += 1
+                continue
+            prompts.add(prompt)
+            queries.append(f"{prompt} {query}" if prompt else query)
+            refs.append(pos[0])
+            refs.extend(neg[j % len(neg)] for j in range(k))
     index, new_texts, _ = docs.assign(("<jsonl>", ""), pa.array(refs, type=pa.large_string()))
     return Plan(
         name=path.stem,
@@ -814,7 +828,7 @@ def subset_texts(plan: Plan) -> tuple[pa.ChunkedArray | list, pa.ChunkedArray | 
     text = pq.read_table(plan.corpus_file, columns=["text"])["text"]
     text = pc.cast(text, pa.large_string()).take(pa.array(plan.doc_rows))
     if text.null_count:
-        at = int(np.flatnonzero(text.is_null().to_numpy(zero_copy_only=False))[0])
+        at = first_true(text.is_null())
         doc_id = pq.read_table(plan.corpus_file, columns=["id"])["id"][int(plan.doc_rows[at])].as_py()
         raise DataError(f"{plan.corpus_file}: document {doc_id!r} (row {int(plan.doc_rows[at])}) has a null text")
     return question, text
@@ -847,8 +861,12 @@ def tokenize_all(cfg: Config, plans: list[Plan], tok, qf: TokenFile, df: TokenFi
             q0, d0 = q0 + plan.num_queries, d0 + plan.num_new_docs
 
     total = sum(p.num_queries + p.num_new_docs for p in plans)
+    # No more workers than tasks: starting one costs ~1 CPU second, a task is ~0.5-1 s of work.
+    num_tasks = sum(-(-n // SHARD_TEXTS) for p in plans for n in (p.num_queries, p.num_new_docs))
+    num_proc = min(cfg.num_proc, num_tasks)
+    print(f"tokenizing {total:,} texts in {num_tasks:,} tasks with {num_proc} process(es)", flush=True)
     bar = tqdm(total=total, unit="text", desc="tokenizing", mininterval=1.0, smoothing=0.05)
-    if cfg.num_proc == 1:
+    if num_proc <= 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core, as each worker of --num-proc N
         encoder = ShardTokenizer(tok.backend_tokenizer, len(tok), tok.truncation_side, cfg.tokenizer)
         for out, part, prefix, max_len in tasks():
@@ -859,7 +877,7 @@ def tokenize_all(cfg: Config, plans: list[Plan], tok, qf: TokenFile, df: TokenFi
     worker_args = (backend_source(tok, cfg.tokenizer), len(tok), tok.truncation_side, cfg.tokenizer)
     # spawn, not fork: the parent holds pyarrow and tokenizer thread pools that fork would copy mid-state.
     pool = ProcessPoolExecutor(
-        cfg.num_proc,
+        num_proc,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=init_worker,
         initargs=worker_args,
@@ -868,7 +886,7 @@ def tokenize_all(cfg: Config, plans: list[Plan], tok, qf: TokenFile, df: TokenFi
     try:
         for out, part, prefix, max_len in tasks():
             pending.append((out, len(part), pool.submit(encode_shard, part, prefix, max_len)))
-            while len(pending) > 2 * cfg.num_proc or (pending and pending[0][2].done()):
+            while len(pending) > 2 * num_proc or (pending and pending[0][2].done()):
                 out_, n, future = pending.popleft()
                 out_.append(*future.result())
                 bar.update(n)

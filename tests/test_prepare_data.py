@@ -844,3 +844,27 @@ class PreparedDataView:
 
     def doc(self, j):
         return self.data.doc(self.docs[j])
+
+
+def test_skip_invalid_can_empty_a_whole_subset(tmp_path, tok, llama_tokenizer_path):
+    root = make_dataset(tmp_path / "hf")
+    examples = recipe_examples(root, ["Alpha"], 4)
+    rewrite_queries(root, "Beta", lambda rows: [x.update(neg_doc=[]) for x in rows])
+    data = prepare(root, tmp_path / "out", llama_tokenizer_path, "--skip-invalid")
+    assert [(s["num_queries"], s["num_new_docs"], s["skipped"]) for s in data.meta["subsets"]] == [(3, 7, 0), (0, 0, 2)]
+    check_round_trip(data, examples, tok)
+
+
+def test_jsonl_that_is_not_utf8(tmp_path, llama_tokenizer_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"query": "q", "pos": ["p"], "neg": ["n"]}\n{"query": "caf\xe9", "pos": ["p"], "neg": ["n"]}\n')
+    fails(
+        "--jsonl",
+        path,
+        "--tokenizer",
+        llama_tokenizer_path,
+        "--output-dir",
+        tmp_path / "out",
+        match="latin1.jsonl:2: not UTF-8",
+    )
+    assert_no_output(tmp_path / "out")
