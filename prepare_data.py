@@ -861,9 +861,10 @@ def tokenize_all(cfg: Config, plans: list[Plan], tok, qf: TokenFile, df: TokenFi
             q0, d0 = q0 + plan.num_queries, d0 + plan.num_new_docs
 
     total = sum(p.num_queries + p.num_new_docs for p in plans)
-    # No more workers than tasks: starting one costs ~1 CPU second, a task is ~0.5-1 s of work.
+    # A worker costs ~1 CPU second to start and a full task is ~0.5-1 s of work: no more workers
+    # than full tasks, and none for inputs of a task or two (then this process tokenizes).
     num_tasks = sum(-(-n // SHARD_TEXTS) for p in plans for n in (p.num_queries, p.num_new_docs))
-    num_proc = min(cfg.num_proc, num_tasks)
+    num_proc = min(cfg.num_proc, total // SHARD_TEXTS)
     print(f"tokenizing {total:,} texts in {num_tasks:,} tasks with {num_proc} process(es)", flush=True)
     bar = tqdm(total=total, unit="text", desc="tokenizing", mininterval=1.0, smoothing=0.05)
     if num_proc <= 1:
