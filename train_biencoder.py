@@ -355,7 +355,8 @@ def save_checkpoint(engine, cfg: TrainConfig, step: int, num_steps: int, final_l
             "final_loss": final_loss,
             "world_size": world_size(),
             "config": dataclasses.asdict(cfg),
-            "query_instruction": instructions.pop() if len(instructions) == 1 else "",
+            # sentence-transformers' query prompt in the export; per-line JSONL prompts have none
+            "query_instruction": (instructions.pop() or "") if len(instructions) == 1 else "",
             "query_instructions": {s["name"]: s["query_instruction"] for s in data_meta["subsets"]},
             "command": " ".join(sys.argv),
         }

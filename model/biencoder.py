@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,7 +62,7 @@ def pack(sequences: list, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError("cannot embed an empty sequence")
     cu = torch.zeros(len(sequences) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lengths, 0)
-    ids = torch.as_tensor([t for s in sequences for t in s], dtype=torch.long)
+    ids = torch.from_numpy(np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]))
     return ids.to(device), cu.to(device)
 
 
