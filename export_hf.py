@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 CHUNK_ELEMS = 1 << 24
 # A source's memory-mapped files are dropped and re-mapped after this many bytes were read, so the
 # pages already read leave the process's RSS instead of piling up to the checkpoint's size.
-REMAP_BYTES = 1 << 30
+REMAP_BYTES = 1 << 28
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # safetensors' names for torch dtypes (https://github.com/huggingface/safetensors, format spec)
@@ -267,8 +267,37 @@ def build_base_model(config, family: str):
     return AutoModel.from_config(config, **extra)
 
 
+def llama_tensors(c) -> dict:
+    """LlamaModel's state dict, i.e. the reference's tensor names, with the shapes the config implies.
+
+    Written out rather than read from a LlamaModel on the meta device, which would import
+    transformers' modeling code (a second of startup); a test checks it against that model.
+    """
+    d, ff = c.hidden_size, c.intermediate_size
+    head_dim = getattr(c, "head_dim", None) or d // c.num_attention_heads
+    q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    shapes = {"embed_tokens.weight": (c.vocab_size, d)}
+    for i in range(c.num_hidden_layers):
+        layer = {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d)}
+        layer["self_attn.o_proj"] = (d, q)
+        for name, shape in list(layer.items()):
+            shapes[f"layers.{i}.{name}.weight"] = shape
+            if c.attention_bias:
+                shapes[f"layers.{i}.{name}.bias"] = shape[:1]
+        for name, shape in {"mlp.gate_proj": (ff, d), "mlp.up_proj": (ff, d), "mlp.down_proj": (d, ff)}.items():
+            shapes[f"layers.{i}.{name}.weight"] = shape
+            if c.mlp_bias:
+                shapes[f"layers.{i}.{name}.bias"] = shape[:1]
+        shapes[f"layers.{i}.input_layernorm.weight"] = (d,)
+        shapes[f"layers.{i}.post_attention_layernorm.weight"] = (d,)
+    shapes["norm.weight"] = (d,)
+    return {name: (torch.Size(shape), torch.float32) for name, shape in shapes.items()}
+
+
 def expected_tensors(config, family: str) -> dict:
-    """{export name: (shape, dtype)} of the base model's state dict, from a model on the meta device."""
+    """{export name: (shape, dtype)} of the base model's state dict."""
+    if family == "llama":
+        return llama_tensors(config)
     with torch.device("meta"):
         model = build_base_model(config, family)
     return {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
@@ -415,7 +444,8 @@ class ZeroCheckpoint:
         return pieces
 
     def read(self, name: str, start: int, end: int) -> torch.Tensor:
-        """Elements [start, end) of the flattened tensor, fp32 for parameters, a copy."""
+        """Elements [start, end) of the flattened tensor, fp32 for parameters. Often a view into the
+        mapped file (no copy; the map lives as long as the view): read it, do not modify it."""
         kind, _, p, n = self._layout[name]
         if kind == "buffer":
             return self._buffers[name].reshape(-1)[start:end].clone()
@@ -426,7 +456,7 @@ class ZeroCheckpoint:
             take = min(end - k, p - local)
             pieces += self._rank_pieces(name, rank, local, local + take)
             k += take
-        out = torch.cat(pieces).to(torch.float32) if pieces else torch.empty(0)
+        out = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(torch.float32) if pieces else torch.empty(0)
         self._read_bytes += sum(x.nbytes for x in pieces)
         if self._read_bytes > REMAP_BYTES:
             self.release()
@@ -649,7 +679,6 @@ def write_json(path: Path, obj) -> None:
 def write_model_files(out: Path, config, family: str, tokenizer_path: str, dtype: str) -> None:
     """config.json (+ the remote code for Llama) and the tokenizer."""
     import transformers
-    from transformers import AutoTokenizer
 
     fields = config.to_dict()
     for key in ("_name_or_path", "auto_map", "torch_dtype", "id2label", "label2id", "problem_type"):
@@ -667,22 +696,50 @@ def write_model_files(out: Path, config, family: str, tokenizer_path: str, dtype
         fields.update(architectures=["LlamaBidirectionalModel"], model_type="llama_bidirec", pooling="avg")
         fields.update(is_causal=False, auto_map=AUTO_MAP)
         shutil.copy(REMOTE_CODE, out / REMOTE_CODE.name)
-        tok = AutoTokenizer.from_pretrained(tokenizer_path, padding_side="left")
-        tok.pad_token = tok.eos_token  # the reference: pad = <|end_of_text|>, left padding
     else:
         with torch.device("meta"):  # the class of the weights it holds, e.g. BertModel (not ...ForMaskedLM)
             fields["architectures"] = [type(build_base_model(config, family)).__name__]
-        tok = AutoTokenizer.from_pretrained(tokenizer_path)
     write_json(out / "config.json", fields)
-    tok.save_pretrained(out)
-    # transformers 5 writes its own class name and two loader flags; keep the file readable by 4.x.
-    tok_file = out / "tokenizer_config.json"
-    tok_config = json.loads(tok_file.read_text())
-    for key in ("is_local", "local_files_only"):
-        tok_config.pop(key, None)
-    if tok_config.get("tokenizer_class") == "TokenizersBackend":
-        tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    write_json(tok_file, tok_config)
+    copy_tokenizer(tokenizer_path, out, left_pad_with_eos=family == "llama")
+
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
+TOKENIZER_FILES += [
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+]
+
+
+def copy_tokenizer(src: str, out: Path, left_pad_with_eos: bool) -> None:
+    """The base model's tokenizer files byte for byte (a hub name resolves through the local Hugging
+    Face cache, as AutoTokenizer would); only tokenizer_config.json is edited."""
+    from transformers.utils import cached_file
+
+    for name in TOKENIZER_FILES:
+        path = cached_file(src, name, _raise_exceptions_for_missing_entries=False)
+        if path:
+            shutil.copy(path, out / name)
+    config_file, special_file = out / "tokenizer_config.json", out / "special_tokens_map.json"
+    if not config_file.is_file():
+        raise ValueError(f"the base model {src} has no tokenizer_config.json: cannot ship its tokenizer")
+    config = json.loads(config_file.read_text())
+    special = json.loads(special_file.read_text()) if special_file.is_file() else {}
+    if left_pad_with_eos:  # the reference: pad = EOS (<|end_of_text|>), left padding
+        eos = config.get("eos_token") or special.get("eos_token")
+        if eos is None:
+            raise ValueError(f"the tokenizer of {src} names no eos_token, which Llama exports pad with")
+        config.update(pad_token=eos, padding_side="left")
+        if special:
+            write_json(special_file, {**special, "pad_token": eos})
+    for key in ("is_local", "local_files_only"):  # loader flags that transformers 5 saves
+        config.pop(key, None)
+    if config.get("tokenizer_class") == "TokenizersBackend":  # transformers 5's name; 4.x reads this one
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    write_json(config_file, config)
 
 
 def write_sentence_transformers(out: Path, hidden_size: int, prompts: dict, max_seq_length: int) -> None:
@@ -869,7 +926,7 @@ def write_info_and_card(out: Path, job: Job, dtype: str, weight_map: dict) -> No
         "import torch.nn.functional as F",
         "from transformers import AutoModel, AutoTokenizer",
         "",
-        "tok = AutoTokenizer.from_pretrained(path)",
+        f"tok = AutoTokenizer.from_pretrained(path{', trust_remote_code=True' if job.family == 'llama' else ''})",
         f"model = AutoModel.from_pretrained(path{', trust_remote_code=True' if job.family == 'llama' else ''})",
         f"texts = [{job.query_prompt!r} + 'how much protein should a female eat']",
         "batch = tok(texts, padding=True, return_tensors='pt')",
@@ -951,14 +1008,14 @@ def reference_embeddings(job: Job, device: str) -> tuple[torch.Tensor, torch.Ten
 
     from model import BiEncoder
 
-    with no_init_weights():
+    with no_init_weights(), torch.device(device):
         encoder = build_base_model(job.config, job.family)
     for name, t in encoder.state_dict().items():
         flat = t.view(-1)
         for start, end in row_chunks(t.shape):
             flat[start:end] = job.average.read(name, start, end)
     job.average.release()
-    enc = BiEncoder(encoder.to(device), AutoTokenizer.from_pretrained(job.tokenizer_path))
+    enc = BiEncoder(encoder, AutoTokenizer.from_pretrained(job.tokenizer_path))
     q = enc.encode(PROBE_QUERIES, prompt=job.query_prompt)
     d = enc.encode(PROBE_DOCUMENTS)
     return q, d
@@ -988,10 +1045,10 @@ def check_embeddings(out: Path, job: Job, dtype: str, device: str) -> None:
     err = torch.cat([(q - ref_q).norm(dim=-1), (d - ref_d).norm(dim=-1)]).max().item()
     tol = TOLERANCE[dtype]
     cos = 1 - err**2 / 2
-    print(f"embedding check: max ||export - checkpoint|| = {err:.2e} (tolerance {tol:.0e}), cosine >= {cos:.6f}")
+    print(f"embedding check: max ||export - checkpoint|| = {err:.2e} (tolerance {tol:g}), cosine >= {cos:.6f}")
     if not err <= tol:
         raise ValueError(
-            f"{out}: sentence-transformers embeddings differ from the checkpoint's model by {err:.2e} > {tol:.0e}: "
+            f"{out}: sentence-transformers embeddings differ from the checkpoint's model by {err:.2e} > {tol:g}: "
             "the export is broken (attention, prompts, pooling or tokenizer)"
         )
 
@@ -1021,8 +1078,9 @@ def export(cfg: ExportConfig) -> Path:
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)
-        weight_map = write_weights(tmp, job.average, job.expected, DTYPES[cfg.dtype], parse_size(cfg.max_shard_size))
         write_model_files(tmp, job.config, job.family, job.tokenizer_path, cfg.dtype)
+        max_bytes = parse_size(cfg.max_shard_size)
+        weight_map = write_weights(tmp, job.average, job.expected, DTYPES[cfg.dtype], max_bytes)
         write_sentence_transformers(tmp, job.config.hidden_size, job.prompts, max_seq_length(job))
         write_info_and_card(tmp, job, cfg.dtype, weight_map)
         if cfg.verify:

@@ -24,6 +24,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import BiEncoder, contrastive_loss, pack  # noqa: E402
@@ -37,9 +38,10 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="base model folder (tiny Llama or MiniLM)")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2, help="0: save right after deepspeed.initialize (no Adam moments)")
     p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
     p.add_argument("--bf16", action="store_true", help="bf16 params with fp32 master weights")
+    p.add_argument("--random-init", action="store_true", help="random weights from --model's config.json only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-2, help="large, so that the weights move visibly")
     p.add_argument("--probe-out", help="save the training-time model's probe embeddings here (.pt)")
@@ -81,18 +83,31 @@ def main():
     args = parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(args.seed)
-    model = BiEncoder.from_pretrained(args.model)
-    # Different seeds give different runs (for merge tests): nudge the base weights per seed.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * args.seed * torch.randn_like(p))
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        # Buckets of 5e7 elements: DeepSpeed's default 5e8 (2 GB of fp32 per buffer) is much for CPU ranks.
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,
+            "reduce_bucket_size": 50_000_000,
+            "stage3_prefetch_bucket_size": 50_000_000,
+        },
         "bf16": {"enabled": args.bf16},
         "zero_force_ds_cpu_optimizer": False,
     }
+    if args.random_init:
+        # Partitioned as it is built: no rank ever holds the whole model (the 0.6B benchmark model).
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = BiEncoder(AutoModel.from_config(AutoConfig.from_pretrained(args.model)))
+        model.tokenizer = AutoTokenizer.from_pretrained(args.model)
+    else:
+        model = BiEncoder.from_pretrained(args.model)
+    # Different seeds give different runs (for merge tests): nudge the base weights per seed.
+    if args.seed and not args.random_init:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * args.seed * torch.randn_like(p))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     vocab = model.encoder.config.vocab_size
@@ -109,6 +124,8 @@ def main():
         loss = loss.item()
         if step == args.steps or (args.save_every and step % args.save_every == 0):
             save(engine, ckpt_dir, step, args.steps, loss, config)
+    if args.steps == 0:
+        save(engine, ckpt_dir, 0, 0, None, config)
 
     if args.probe_out:
         # The training-time model: full parameters gathered from all ranks, in the training dtype.

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import export_hf
-from tiny_models import REPO, minilm_dir, save_tiny_llama
+from tiny_models import REPO, minilm_dir, save_tiny_llama, tiny_llama_config
 
 QUERY_INSTRUCTION = "Instruct: Given a question, retrieve passages that answer the question\nQuery:"
 
@@ -42,6 +42,22 @@ def test_plan_shards_bounds_bytes_and_keeps_order():
     specs = [(f"t{i}", torch.Size([n]), torch.float32) for i, n in enumerate([10, 10, 30, 5, 5])]
     shards = export_hf.plan_shards(specs, max_bytes=80)
     assert [[s[0] for s in shard] for shard in shards] == [["t0", "t1"], ["t2"], ["t3", "t4"]]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"attention_bias": True, "mlp_bias": True}, {"head_dim": 32, "num_key_value_heads": 4}],
+)
+def test_llama_table_equals_llama_model_state_dict(overrides):
+    from transformers import LlamaModel
+
+    config = tiny_llama_config(**overrides)
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    want = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
+    got = export_hf.llama_tensors(config)
+    assert list(got) == list(want)  # names and order
+    assert got == want
 
 
 class FakeSource:
@@ -251,7 +267,7 @@ def test_transformers_remote_code_gives_training_embeddings(runs, exports, expor
     from transformers import AutoModel, AutoTokenizer
 
     probe = runs[run][1]
-    tok = AutoTokenizer.from_pretrained(exports[export])
+    tok = AutoTokenizer.from_pretrained(exports[export], trust_remote_code=True)
     model = AutoModel.from_pretrained(exports[export], trust_remote_code=True).eval()
     assert type(model).__name__ == "LlamaBidirectionalModel"
     batch = probe_batch(probe, tok)
