@@ -15,30 +15,35 @@ Out: `<run>/export/` (or --out), usable at once by transformers, sentence-transf
        Normalize, config_sentence_transformers.json with the training prompts;
      - README.md (model card) and export_info.json (where the weights came from).
 
-How: each tensor is rebuilt from the fp32 master slices of all ranks a few million elements at a
-time, averaged over the sources, cast, and appended to a safetensors file whose header was
-written first, so peak memory is a few hundred MB whatever the model size, the shard size and the
-number of ranks (DeepSpeed's zero_to_fp32.py holds whole tensors and shards: ~41 GB for
-Llama-3-8B). The folder is written as `<out>.tmp-<pid>`, verified (every tensor re-read and
+How: each tensor is rebuilt from the fp32 master slices of all ranks 16M elements at a time,
+averaged over the sources, cast, and appended to a safetensors file whose header was written first.
+Peak memory does not grow with the model, the shard size or the number of ranks: Python, torch and
+transformers themselves, a 64 MB chunk, and at most 256 MB of mapped checkpoint pages per averaged
+source (0.74 GiB in all for a 0.6B model, against 4.75 GiB for DeepSpeed's zero_to_fp32.py, which
+holds whole shards and took ~41 GB for Llama-3-8B: bench/bench_export.py). So an 8B export fits a
+16 GB machine. The folder is written as `<out>.tmp-<pid>`, verified (every tensor re-read and
 compared; probe texts embedded with sentence-transformers and compared with the checkpoint's own
-model), then renamed; on any error it is removed.
+model), then renamed; on any error it is removed. The embedding check holds the model in fp32
+(4 bytes per parameter, --device cuda puts it on the GPU); where that memory is missing it is
+skipped with a warning, and `--verify-only` repeats it on a bigger machine.
 
 Trust: DeepSpeed checkpoints are pickles. They are loaded with torch.load(weights_only=True); the
-two DeepSpeed classes pickled in the optimizer files become inert stand-ins, nothing else is
-allowed. Still, only export checkpoints from a source you trust.
+few DeepSpeed objects pickled in the optimizer files (ZeRO stage enum, loss scaler) become inert
+stand-ins, nothing else is allowed. Still, only export checkpoints from a source you trust.
 
     python export_hf.py                                   # latest checkpoint of output/llama_embed_nemotron_8b
     python export_hf.py --run output/run2 --tag step_00003000 --dtype float32
     python export_hf.py --checkpoint output/run1 output/run2 output/run3 --out output/merged
     python export_hf.py --verify-only output/llama_embed_nemotron_8b/export
 
-Tiny CPU example (a run written by tests/ds_tiny_checkpoint.py):
+Tiny CPU example, after the tiny CPU run in train_biencoder.py's docstring (default --output-dir):
 
-    python export_hf.py --run /tmp/tiny_run --max-shard-size 10MB
+    python export_hf.py --max-shard-size 10MB
 """
 
 import argparse
 import gc
+import importlib.metadata
 import json
 import math
 import os
@@ -177,9 +182,9 @@ def parse_size(text: str) -> int:
 
 
 class DeepSpeedStandIn:
-    """What the unpickler builds instead of DeepSpeed's ZeroStageEnum and LossScaler objects.
+    """What the unpickler builds instead of DeepSpeed's ZeroStageEnum and loss-scaler objects.
 
-    optim_states.pt pickles these two DeepSpeed objects next to the tensors, so weights_only=True
+    optim_states.pt pickles these DeepSpeed objects next to the tensors, so weights_only=True
     refuses the file. Allow-listing the real classes would import and run DeepSpeed code; this
     class only stores what it is given (the enum's value, the scaler's attributes).
     """
@@ -204,7 +209,7 @@ def load_pickle(path: Path) -> dict:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Unsupported global" in str(e) or "weights_only" in str(e).lower():
             raise ValueError(
-                f"refusing to unpickle {path}: it holds objects other than tensors and the two known "
+                f"refusing to unpickle {path}: it holds objects other than tensors and the known "
                 f"DeepSpeed classes ({first_line}). Checkpoints are pickles; only load ones you trust."
             ) from e
         raise ValueError(f"cannot read {path} ({first_line}): the file is truncated or not a torch checkpoint") from e
@@ -233,68 +238,95 @@ def export_name(name: str, family: str) -> str:
     return m.group(1)
 
 
-def load_base_config(path: str):
-    """The base model's config from a hub name, a local folder or an export of this script."""
-    from transformers import AutoConfig, LlamaConfig
+def resolve_file(path: str, name: str) -> Path | None:
+    """A file of a model: in a local folder, or for a hub name in the local Hugging Face cache."""
+    if Path(path).is_dir():
+        f = Path(path) / name
+        return f if f.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
 
-    config_file = Path(path) / "config.json"
-    if config_file.is_file():
-        fields = json.loads(config_file.read_text())
-        if fields.get("model_type") == "llama_bidirec":  # an export: read it as the LlamaConfig it is
-            for key in ("model_type", "architectures", "auto_map", "pooling", "is_causal"):
-                fields.pop(key, None)
-            return LlamaConfig(**fields)
-    return AutoConfig.from_pretrained(path)
+    f = try_to_load_from_cache(path, name)
+    return Path(f) if isinstance(f, str) else None
 
 
-def model_family(config) -> str:
-    if config.model_type in LLAMA_TYPES:
+def load_base_config(path: str) -> dict:
+    """The base model's config.json as a dict. Read as JSON, without transformers, whose import
+    alone takes a second or two; it is imported where a model is built."""
+    f = resolve_file(path, "config.json")
+    if f is None:
+        raise ValueError(
+            f"no config.json for the base model {path!r}: not a local folder and not in the Hugging Face "
+            f"cache; download it first (huggingface-cli download {path})"
+        )
+    fields = json.loads(f.read_text())
+    if fields.get("model_type") == "llama_bidirec":  # an export of this script: the Llama config it is
+        for key in ("architectures", "auto_map", "pooling", "is_causal"):
+            fields.pop(key, None)
+        fields["model_type"] = "llama"
+    return fields
+
+
+def hf_config(fields: dict):
+    """The transformers config object of a config.json dict."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in fields.items() if k != "transformers_version"}
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def model_family(config: dict) -> str:
+    if config["model_type"] in LLAMA_TYPES:
         return "llama"
-    if config.model_type in ENCODER_TYPES:
+    if config["model_type"] in ENCODER_TYPES:
         return "encoder"
     raise ValueError(
-        f"base model type {config.model_type!r} is not supported: export_hf.py knows {LLAMA_TYPES + ENCODER_TYPES}"
+        f"base model type {config['model_type']!r} is not supported: export_hf.py knows {LLAMA_TYPES + ENCODER_TYPES}"
     )
 
 
-def build_base_model(config, family: str):
+def build_base_model(config: dict, family: str):
     """The Hugging Face model an export holds (no head); parameters uninitialised."""
     from transformers import AutoModel, LlamaModel
 
     if family == "llama":
-        return LlamaModel(config)
-    extra = {} if config.model_type == "distilbert" else {"add_pooling_layer": False}  # as model.load_encoder
-    return AutoModel.from_config(config, **extra)
+        return LlamaModel(hf_config(config))
+    extra = {} if config["model_type"] == "distilbert" else {"add_pooling_layer": False}  # as model.load_encoder
+    return AutoModel.from_config(hf_config(config), **extra)
 
 
-def llama_tensors(c) -> dict:
+# LlamaConfig's defaults for the fields that llama_tensors reads (transformers 5.x)
+LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
+LLAMA_DEFAULTS.update(num_attention_heads=32, num_key_value_heads=None, head_dim=None)
+LLAMA_DEFAULTS.update(attention_bias=False, mlp_bias=False)
+
+
+def llama_tensors(config: dict) -> dict:
     """LlamaModel's state dict, i.e. the reference's tensor names, with the shapes the config implies.
 
     Written out rather than read from a LlamaModel on the meta device, which would import
     transformers' modeling code (a second of startup); a test checks it against that model.
     """
-    d, ff = c.hidden_size, c.intermediate_size
-    head_dim = getattr(c, "head_dim", None) or d // c.num_attention_heads
-    q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
-    shapes = {"embed_tokens.weight": (c.vocab_size, d)}
-    for i in range(c.num_hidden_layers):
-        layer = {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d)}
-        layer["self_attn.o_proj"] = (d, q)
-        for name, shape in list(layer.items()):
-            shapes[f"layers.{i}.{name}.weight"] = shape
-            if c.attention_bias:
-                shapes[f"layers.{i}.{name}.bias"] = shape[:1]
-        for name, shape in {"mlp.gate_proj": (ff, d), "mlp.up_proj": (ff, d), "mlp.down_proj": (d, ff)}.items():
-            shapes[f"layers.{i}.{name}.weight"] = shape
-            if c.mlp_bias:
-                shapes[f"layers.{i}.{name}.bias"] = shape[:1]
+    c = {**LLAMA_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    d, ff, heads = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
+    head_dim = c["head_dim"] or d // heads
+    q, kv = heads * head_dim, (c["num_key_value_heads"] or heads) * head_dim
+    shapes = {"embed_tokens.weight": (c["vocab_size"], d)}
+    for i in range(c["num_hidden_layers"]):
+        attn = {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d)}
+        attn["self_attn.o_proj"] = (d, q)
+        mlp = {"mlp.gate_proj": (ff, d), "mlp.up_proj": (ff, d), "mlp.down_proj": (d, ff)}
+        for layer, bias in ((attn, c["attention_bias"]), (mlp, c["mlp_bias"])):
+            for name, shape in layer.items():
+                shapes[f"layers.{i}.{name}.weight"] = shape
+                if bias:
+                    shapes[f"layers.{i}.{name}.bias"] = shape[:1]
         shapes[f"layers.{i}.input_layernorm.weight"] = (d,)
         shapes[f"layers.{i}.post_attention_layernorm.weight"] = (d,)
     shapes["norm.weight"] = (d,)
     return {name: (torch.Size(shape), torch.float32) for name, shape in shapes.items()}
 
 
-def expected_tensors(config, family: str) -> dict:
+def expected_tensors(config: dict, family: str) -> dict:
     """{export name: (shape, dtype)} of the base model's state dict."""
     if family == "llama":
         return llama_tensors(config)
@@ -303,11 +335,11 @@ def expected_tensors(config, family: str) -> dict:
     return {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
 
 
-def architecture_fields(config) -> dict:
-    """The config fields that must agree between runs that are averaged."""
+def architecture_fields(config: dict) -> dict:
+    """The config fields that must agree between runs that are averaged (as transformers reads them)."""
     ignore = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "model_type"}
     ignore |= {"auto_map", "pooling", "is_causal", "pad_token_id", "id2label", "label2id"}
-    return {k: v for k, v in config.to_dict().items() if k not in ignore}
+    return {k: v for k, v in hf_config(config).to_dict().items() if k not in ignore}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -677,13 +709,11 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_model_files(out: Path, config, family: str, tokenizer_path: str, dtype: str) -> None:
-    """config.json (+ the remote code for Llama) and the tokenizer."""
-    import transformers
-
-    fields = config.to_dict()
+    """config.json: the base model's, plus the reference's fields for Llama (and its remote code); the tokenizer."""
+    fields = dict(config)
     for key in ("_name_or_path", "auto_map", "torch_dtype", "id2label", "label2id", "problem_type"):
         fields.pop(key, None)  # the last three describe classifier heads, which an encoder has not
-    fields.update(dtype=dtype, transformers_version=transformers.__version__)
+    fields.update(dtype=dtype, transformers_version=importlib.metadata.version("transformers"))
     rope = fields.get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" in rope:
         # transformers 5 writes rope_parameters only; 4.x readers (vLLM, llama.cpp's converter) read
@@ -717,10 +747,8 @@ TOKENIZER_FILES += [
 def copy_tokenizer(src: str, out: Path, left_pad_with_eos: bool) -> None:
     """The base model's tokenizer files byte for byte (a hub name resolves through the local Hugging
     Face cache, as AutoTokenizer would); only tokenizer_config.json is edited."""
-    from transformers.utils import cached_file
-
     for name in TOKENIZER_FILES:
-        path = cached_file(src, name, _raise_exceptions_for_missing_entries=False)
+        path = resolve_file(src, name)
         if path:
             shutil.copy(path, out / name)
     config_file, special_file = out / "tokenizer_config.json", out / "special_tokens_map.json"
@@ -777,7 +805,7 @@ class Job:
 
     sources: list
     weights: list[float]
-    config: object
+    config: dict  # the base model's config.json
     family: str
     expected: dict
     average: Average
@@ -831,7 +859,7 @@ def max_seq_length(job: Job) -> int:
     train_config = (job.sources[0].train_state or {}).get("config", {})
     n = max(train_config.get("query_max_len", 512), train_config.get("passage_max_len", 512))
     if job.family == "encoder":  # absolute position embeddings have a hard limit
-        n = min(n, job.config.max_position_embeddings)
+        n = min(n, job.config["max_position_embeddings"])
     return n
 
 
@@ -862,7 +890,7 @@ def write_info_and_card(out: Path, job: Job, dtype: str, weight_map: dict) -> No
         f"base_model: {base}",
         "---",
         "",
-        f"# Text embeddings: bidirectional {job.config.model_type} fine-tuned from {base}",
+        f"# Text embeddings: bidirectional {job.config['model_type']} fine-tuned from {base}",
         "",
         "A bi-encoder trained with this project's reproduction of NVIDIA's llama-embed-nemotron-8b recipe:",
         "bidirectional attention, mean pooling over the non-pad tokens, L2 normalisation; similarity = cosine.",
@@ -872,7 +900,7 @@ def write_info_and_card(out: Path, job: Job, dtype: str, weight_map: dict) -> No
         f"| base model | `{base}` |",
         f"| training data | `{train_config.get('data', 'unknown')}` |",
         f"| parameters | {job.num_params:,} |",
-        f"| embedding dimension | {job.config.hidden_size} |",
+        f"| embedding dimension | {job.config['hidden_size']} |",
         f"| weights | {dtype}, {len(set(weight_map.values()))} safetensors file(s) |",
     ]
     for s, w in zip(job.sources, job.weights, strict=True):
@@ -1073,7 +1101,7 @@ def export(cfg: ExportConfig) -> Path:
     if len(job.prompts) > 2 and not job.query_instruction:
         print("note: the data subsets used different query instructions; the 'query' prompt is empty, each")
         print(f"subset's prompt is in config_sentence_transformers.json: {sorted(job.prompts)[:8]}")
-    print(f"base model: {job.tokenizer_path} ({job.config.model_type}, {job.num_params:,} parameters) -> {out}")
+    print(f"base model: {job.tokenizer_path} ({job.config['model_type']}, {job.num_params:,} parameters) -> {out}")
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
@@ -1081,7 +1109,7 @@ def export(cfg: ExportConfig) -> Path:
         write_model_files(tmp, job.config, job.family, job.tokenizer_path, cfg.dtype)
         max_bytes = parse_size(cfg.max_shard_size)
         weight_map = write_weights(tmp, job.average, job.expected, DTYPES[cfg.dtype], max_bytes)
-        write_sentence_transformers(tmp, job.config.hidden_size, job.prompts, max_seq_length(job))
+        write_sentence_transformers(tmp, job.config["hidden_size"], job.prompts, max_seq_length(job))
         write_info_and_card(tmp, job, cfg.dtype, weight_map)
         if cfg.verify:
             check_tensors(tmp, job, DTYPES[cfg.dtype])

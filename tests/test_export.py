@@ -48,16 +48,21 @@ def test_plan_shards_bounds_bytes_and_keeps_order():
     "overrides",
     [{}, {"attention_bias": True, "mlp_bias": True}, {"head_dim": 32, "num_key_value_heads": 4}],
 )
-def test_llama_table_equals_llama_model_state_dict(overrides):
-    from transformers import LlamaModel
+def test_llama_table_equals_llama_model_state_dict(tmp_path, overrides):
+    from transformers import LlamaConfig, LlamaModel
 
-    config = tiny_llama_config(**overrides)
-    with torch.device("meta"):
-        model = LlamaModel(config)
-    want = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
-    got = export_hf.llama_tensors(config)
-    assert list(got) == list(want)  # names and order
-    assert got == want
+    tiny_llama_config(**overrides).save_pretrained(tmp_path)
+    fields = export_hf.load_base_config(str(tmp_path))
+    # and a minimal config.json that leaves optional fields to LlamaConfig's defaults
+    minimal = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1}
+    minimal.update(num_attention_heads=4, vocab_size=100)
+    for config in (fields, minimal):
+        with torch.device("meta"):
+            model = LlamaModel(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}))
+        want = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
+        got = export_hf.llama_tensors(config)
+        assert list(got) == list(want)  # names and order
+        assert got == want
 
 
 class FakeSource:
