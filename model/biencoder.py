@@ -112,7 +112,8 @@ class BiEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype=torch.float32, tokenizer: bool = True, **kwargs) -> "BiEncoder":
         encoder = load_encoder(str(path), dtype=dtype, **kwargs)
-        tok = AutoTokenizer.from_pretrained(str(path)) if tokenizer else None
+        # The tokenizer files are plain; never run (or ask about) an export's remote code for them.
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False) if tokenizer else None
         return cls(encoder, tok)
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
