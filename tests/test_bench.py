@@ -34,7 +34,7 @@ def run(args, timeout=300) -> subprocess.CompletedProcess:
 
 def test_flops_and_parameter_counts_match_the_recipe():
     c8 = bench_setup.llama_config("8b")
-    assert bench_setup.total_params(c8) == 7_504_924_672  # Llama-3.1-8B as a LlamaModel (recipe.md)
+    assert bench_setup.total_params(c8) == 7_504_924_672  # Llama-3.1-8B as a LlamaModel (the model card)
     N = bench_setup.matmul_params(c8)
     assert 6.9e9 < N < 7.0e9  # "N ~ 7.0B matmul parameters"
     # one sequence of 100 tokens: 8N per token + attention 4 * (4 * 100^2 * 4096) per layer

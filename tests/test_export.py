@@ -506,9 +506,7 @@ def test_full_disk_leaves_nothing_behind(runs, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The real trainer's checkpoints
 
-SCIFACT = REPO / "data" / "scifact"
-if not SCIFACT.exists():
-    SCIFACT = REPO.parent / "shared" / "data" / "scifact"
+SCIFACT = REPO / "data" / "scifact"  # ships with the repository
 
 
 @pytest.mark.slow

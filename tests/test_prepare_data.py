@@ -1,7 +1,7 @@
 """prepare_data.py and dataset.py: the recipe's examples, token for token, and every bad input.
 
 Each dataset is built in the test (HF layout, JSONL), prepared with the real Llama-3 tokenizer
-and compared with a direct implementation of the recipe (docs/recipe.md, Prompts and Data) that
+and compared with a direct implementation of the recipe (README, "The recipe") that
 calls the tokenizer itself. No network: the hub and load_dataset are replaced by fakes.
 """
 
@@ -804,10 +804,9 @@ def test_cli_exit_codes(tmp_path, llama_tokenizer_path):
 
 
 def scifact_root():
-    for root in (REPO / "data", REPO.parent / "shared" / "data"):
-        if (root / "scifact" / "queries.parquet").is_file():
-            return root
-    pytest.skip("no scifact data (data/scifact or ../shared/data/scifact)")
+    root = REPO / "data"
+    assert (root / "scifact" / "queries.parquet").is_file(), "data/scifact ships with the repository"
+    return root
 
 
 def test_scifact(tmp_path, tok, llama_tokenizer_path):

@@ -25,9 +25,7 @@ from tiny_models import REPO, copy_minilm, save_tiny_llama
 
 pytestmark = pytest.mark.slow
 
-SCIFACT = REPO / "data" / "scifact"
-if not SCIFACT.exists():
-    SCIFACT = REPO.parent / "shared" / "data" / "scifact"
+SCIFACT = REPO / "data" / "scifact"  # ships with the repository
 
 FP32_ZERO3 = {
     "bf16": {"enabled": False},
