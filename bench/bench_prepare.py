@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from bench_setup import default_scifact
 
 REPO = Path(__file__).resolve().parents[1]
 QI = "Instruct: Given a scientific claim, retrieve documents that support or refute the claim\nQuery:"
@@ -43,13 +44,6 @@ def default_tokenizer() -> str:
     if spec is not None and spec.origin is not None:
         return str(Path(spec.origin).parent / "tokenizer")
     return "meta-llama/Llama-3.1-8B"
-
-
-def default_scifact() -> Path:
-    for root in (REPO / "data", REPO.parent / "shared" / "data"):
-        if (root / "scifact" / "queries.parquet").is_file():
-            return root / "scifact"
-    raise SystemExit("no SciFact data: pass --scifact DIR (the folder with queries.parquet and corpus.parquet)")
 
 
 def build_dataset(scifact: Path, root: Path, copies: int, long_docs: bool) -> tuple[list[str], list[str]]:

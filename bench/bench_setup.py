@@ -131,10 +131,11 @@ def save_model_folder(
 
 
 def default_scifact() -> Path:
-    for root in (REPO / "data", REPO.parent / "shared" / "data"):
-        if (root / "scifact" / "queries.parquet").is_file():
-            return root / "scifact"
-    raise ValueError("no SciFact data in data/scifact or ../shared/data/scifact; pass --data PREPARED_DIR")
+    """SciFact in the embed-nemotron layout, shipped in data/."""
+    path = REPO / "data" / "scifact"
+    if not (path / "queries.parquet").is_file():
+        raise ValueError(f"no SciFact data in {path}; pass --data PREPARED_DIR")
+    return path
 
 
 def prepare_scifact(out, tokenizer=None) -> Path:
