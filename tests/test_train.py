@@ -282,3 +282,12 @@ def test_minilm_loss_goes_down_on_scifact(tmp_path):
     assert [r["epoch"] for r in rows] == [0] * 4 + [1] * 4
     first, second = (np.mean([r["loss"] for r in rows if r["epoch"] == e]) for e in (0, 1))
     assert second < 0.85 * first, [r["loss"] for r in rows]
+
+
+def test_nan_loss_stops_before_the_step_is_applied(setup):
+    # cos / 1e-45 overflows to inf in fp32: the loss is NaN at step 1
+    res, out = launch(setup, "nan", extra=["--temperature", "1e-45", "--max-steps", "2"], check=False)
+    assert res.returncode != 0
+    assert "step 1: loss is nan; the step was not applied" in res.stdout + res.stderr
+    assert not (out / "checkpoints" / "latest").exists()
+    assert not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text() == ""
