@@ -49,6 +49,7 @@ if [ "$GPUS" = 0 ]; then
     # 128 tokens keeps the two CPU evaluations of 5,183 documents to a few minutes each
     EVAL_ARGS=(--beir data/scifact-beir --max-length 128)
     GPU_ARGS=()
+    TRAINED_PROMPT=()  # the export's own prompt: the SciFact instruction it was trained with
 else
     OUT=${OUT:-output/llama_embed_nemotron_8b}
     MODEL=meta-llama/Llama-3.1-8B
@@ -58,6 +59,8 @@ else
     deepspeed --num_gpus "$GPUS" train_biencoder.py --output-dir "$OUT"
     EVAL_ARGS=(--beir data/scifact-beir)
     GPU_ARGS=(--device cuda)
+    # trained on 14 subsets with different instructions: the export has no single default prompt
+    TRAINED_PROMPT=(--query-prompt $'Instruct: Given a scientific claim, retrieve documents that support or refute the claim\nQuery: ')
 fi
 
 RUN="$OUT/run"; [ "$GPUS" = 0 ] || RUN="$OUT"
@@ -65,7 +68,7 @@ echo "== 3/5 export the last checkpoint to a Hugging Face folder"
 python export_hf.py --run "$RUN" --out "$OUT/export" --dtype float32 --overwrite
 echo "== 4/5 evaluate the starting model and the trained one on SciFact test (BEIR)"
 python evaluate.py --model "$MODEL" "${EVAL_ARGS[@]}" "${GPU_ARGS[@]}" --query-prompt "" --output-json "$OUT/eval_base.json"
-python evaluate.py --model "$OUT/export" "${EVAL_ARGS[@]}" "${GPU_ARGS[@]}" --output-json "$OUT/eval_trained.json"
+python evaluate.py --model "$OUT/export" "${EVAL_ARGS[@]}" "${GPU_ARGS[@]}" "${TRAINED_PROMPT[@]}" --output-json "$OUT/eval_trained.json"
 echo "== 5/5 results"
 python - "$OUT" "$(( $(date +%s) - start ))" <<'PY'
 import json, sys
