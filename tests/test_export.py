@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import export_hf
-from tiny_models import REPO, minilm_dir, save_tiny_llama, tiny_llama_config
+from tiny_models import REPO, deepspeed_launcher, minilm_dir, save_tiny_llama, tiny_llama_config
 
 QUERY_INSTRUCTION = "Instruct: Given a question, retrieve passages that answer the question\nQuery:"
 
@@ -134,7 +134,7 @@ def deepspeed_run(base: Path, out: Path, *extra: str) -> dict:
     cmd = ["deepspeed", "--num_gpus", "2", str(REPO / "tests" / "ds_tiny_checkpoint.py")]
     cmd += ["--model", str(base), "--output-dir", str(out), "--probe-out", str(probe), *extra]
     env = dict(os.environ, DS_ACCELERATOR="cpu", TQDM_DISABLE="1")
-    cmd[0] = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    cmd[0] = deepspeed_launcher()
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return torch.load(probe)
@@ -528,7 +528,7 @@ def test_export_of_a_train_biencoder_run(tmp_path):
     prep += ["--query-max-len", "64", "--passage-max-len", "64", "--num-proc", "1"]
     subprocess.run(prep, check=True, capture_output=True, text=True, env=env)
     run = tmp_path / "run"
-    train = [shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"]
+    train = [deepspeed_launcher(), "--num_gpus", "2"]
     train += ["--master_port", str(27000 + os.getpid() % 1000), str(REPO / "train_biencoder.py")]
     train += ["--model", str(base), "--data", str(tmp_path / "prepared"), "--output-dir", str(run)]
     train += ["--deepspeed", str(REPO / "ds_configs" / "zero3_bf16.json"), "--global-batch-size", "8"]

@@ -21,7 +21,7 @@ import torch
 import train_biencoder as tb
 from dataset import PreparedData
 from model import BiEncoder, contrastive_loss
-from tiny_models import REPO, copy_minilm, save_tiny_llama
+from tiny_models import REPO, copy_minilm, deepspeed_launcher, save_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def free_port() -> int:
 def launch(setup, out: str, ranks: int = 2, extra=(), env=None, check=True, timeout=600):
     """Run the training script under the deepspeed launcher; returns (process result, output dir)."""
     out_dir = setup["root"] / out
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port())]
+    cmd = [deepspeed_launcher(), "--num_gpus", str(ranks), "--master_port", str(free_port())]
     cmd += [str(REPO / "train_biencoder.py"), "--model", str(setup["model"]), "--data", str(setup["data"])]
     cmd += ["--output-dir", str(out_dir), "--deepspeed", str(setup["ds"]), "--global-batch-size", "8"]
     cmd += ["--lr", "1e-3", "--save-every", "2", *extra]
@@ -159,7 +159,7 @@ def test_kill_and_resume_give_bitwise_equal_weights(setup):
     # 2) kill -9 of the launcher's whole process group in the middle of training
     killed = setup["root"] / "killed"
     proc = subprocess.Popen(
-        ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
+        [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port())]
         + [str(REPO / "train_biencoder.py"), "--model", str(setup["model"]), "--data", str(setup["data"])]
         + ["--output-dir", str(killed), "--deepspeed", str(setup["ds"]), "--global-batch-size", "8"]
         + ["--lr", "1e-3", "--save-every", "2", *steps],

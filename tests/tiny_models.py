@@ -2,6 +2,7 @@
 
 import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,11 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def deepspeed_launcher() -> str:
+    """The `deepspeed` launcher of the environment running the tests (whether or not it is on PATH)."""
+    return str(Path(sys.executable).parent / "deepspeed")
 
 
 def package_dir(package: str, sub: str) -> Path:
