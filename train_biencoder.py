@@ -25,6 +25,7 @@ GPUs and micro-batches does not change the math (see `micro_batch_loss_scale`).
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -226,9 +227,15 @@ def split_step(
 # Data
 
 
+@functools.lru_cache(maxsize=1)
 def epoch_order(num_queries: int, seed: int, epoch: int) -> np.ndarray:
-    """The recipe's order: torch.randperm(N, generator=manual_seed(seed + epoch))."""
-    return torch.randperm(num_queries, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+    """The recipe's order: torch.randperm(N, generator=manual_seed(seed + epoch)).
+
+    Cached: every step of an epoch slices the same permutation (3.66M entries for the recipe).
+    """
+    order = torch.randperm(num_queries, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+    order.flags.writeable = False  # shared by every caller of the cache
+    return order
 
 
 def example_lengths(data: PreparedData, num_negatives: int) -> np.ndarray:
