@@ -39,6 +39,19 @@ def make_bidirectional(encoder: nn.Module) -> nn.Module:
     return encoder
 
 
+def check_vocab_covers_tokenizer(num_tokens: int, vocab_size: int, model: str) -> None:
+    """Every id the tokenizer can emit must have an embedding row. A token id >= vocab_size fails
+    only when a text contains it (an index error on the CPU, a device-side assert on CUDA), and
+    llama.cpp's converter refuses such a model outright: check it before any work instead."""
+    if num_tokens > vocab_size:
+        raise ValueError(
+            f"the tokenizer of {model} has {num_tokens} tokens but the model has {vocab_size} embedding rows "
+            f"(config.json vocab_size): ids {vocab_size}..{num_tokens - 1} have no embedding. Use the tokenizer "
+            "the model was trained with, or grow the embedding to the tokenizer "
+            "(model.resize_token_embeddings(len(tokenizer)); model.save_pretrained(folder)) and train from that folder"
+        )
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked mean over non-pad tokens, in fp32, then L2-normalised. (B, L, D), (B, L) -> (B, D)"""
     mask = mask.to(torch.float32).unsqueeze(-1)
