@@ -38,20 +38,32 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder: written, fsync'ed, then renamed."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temp path next to `path` for the block to write; then fsync'ed and renamed to `path`.
+    On any error the temp file is removed and `path` is unchanged.
+
+        with atomic_file(path) as tmp:
+            pq.write_table(table, tmp)
+    """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:  # the block may have written through any library: sync what is there
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write `data` (text or bytes) to `path` atomically (see atomic_file)."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
 
 
 def remove_stale_temp_dirs(out: str | Path) -> None:

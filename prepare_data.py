@@ -31,7 +31,6 @@ import json
 import multiprocessing
 import os
 import resource
-import shutil
 import signal
 import sys
 import time
@@ -46,6 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from common import atomic_dir, atomic_file, load_pretrained, prompt_prefix, run_cli, with_prompt
 from dataset import ARRAYS, FORMAT_VERSION, PreparedData, sha256_of
 
 REPO_ID = "nvidia/embed-nemotron-dataset-v1"
@@ -171,10 +171,7 @@ def parse_args(argv=None) -> Config:
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer  # slow import, only where needed
 
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--tokenizer {name}: cannot load it ({e})") from e
+    tok = load_pretrained(AutoTokenizer.from_pretrained, name, "--tokenizer", "tokenizer")
     if not tok.is_fast:
         raise ValueError(f"--tokenizer {name}: needs a fast (Rust) tokenizer, got {type(tok).__name__}")
     return tok
@@ -264,10 +261,11 @@ class ShardTokenizer:
             ids[i] = e.ids
         return ids
 
-    def encode_flat(self, texts: list[str], prefix: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids of f"{prefix} {text}" (raw text when prefix is empty), back to back, and lengths."""
-        if prefix:
-            texts = [f"{prefix} {t}" for t in texts]
+    def encode_flat(self, texts: list[str], prompt: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids of prompt + text (common.prompt_prefix: "" or the instruction and one space),
+        back to back, and lengths."""
+        if prompt:
+            texts = [prompt + t for t in texts]
         ids = self.encode(texts, max_len)
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
@@ -313,8 +311,8 @@ def init_worker(source: tuple[str, str], vocab_size: int, truncation_side: str, 
     _worker = ShardTokenizer(backend, vocab_size, truncation_side, name)
 
 
-def encode_shard(texts: list[str], prefix: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    return _worker.encode_flat(texts, prefix, max_len)
+def encode_shard(texts: list[str], prompt: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    return _worker.encode_flat(texts, prompt, max_len)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,9 +458,8 @@ def restore_ids_only(subset_dir: Path) -> None:
     queries = queries.set_column(queries.schema.get_field_index("question"), "question", question)
     corpus = pa.table({"id": corpus["id"], "text": _lookup_text(corpus["id"], d_texts, "d_", corpus_path)})
     for table, name in ((queries, "queries.restored.parquet"), (corpus, "corpus.restored.parquet")):
-        tmp = subset_dir / f"{name}.tmp-{os.getpid()}"
-        pq.write_table(table, tmp)
-        os.replace(tmp, subset_dir / name)  # atomic: a crash leaves no half-restored file
+        with atomic_file(subset_dir / name) as tmp:  # a crash leaves no half-restored file
+            pq.write_table(table, tmp)
 
 
 def first_true(mask) -> int:
@@ -566,6 +563,15 @@ class Plan:
     # JSONL: the texts themselves (query text with its prompt already applied)
     query_texts: list[str] | None = None
     doc_texts: pa.Array | None = None
+
+    @property
+    def query_prompt(self) -> str | None:
+        """The exact string before every query's text; None for JSONL lines with prompts of their own."""
+        return None if self.query_instruction is None else prompt_prefix(self.query_instruction)
+
+    @property
+    def passage_prompt(self) -> str:
+        return prompt_prefix(self.passage_instruction)
 
     @property
     def num_queries(self) -> int:
@@ -734,7 +740,7 @@ def plan_jsonl(path: Path, cfg: Config, docs: DocIndex) -> Plan:
                 skipped += 1
                 continue
             prompts.add(prompt)
-            queries.append(f"{prompt} {query}" if prompt else query)
+            queries.append(with_prompt(prompt, query))
             refs.append(pos[0])
             refs.extend(neg[j % len(neg)] for j in range(k))
     index, new_texts, _ = docs.assign(("<jsonl>", ""), pa.array(refs, type=pa.large_string()))
@@ -848,16 +854,16 @@ def tokenize_all(cfg: Config, plans: list[Plan], tok, qf: TokenFile, df: TokenFi
         q0, d0 = 0, 0
         for plan in plans:
             questions, texts = subset_texts(plan)
-            q_prefix = "" if plan.query_texts is not None else plan.query_instruction
-            parts = (("query", questions, q_prefix, q0), ("doc", texts, plan.passage_instruction, d0))
-            for kind, items, prefix, start in parts:
+            q_prompt = "" if plan.query_texts is not None else plan.query_prompt  # JSONL: applied per line
+            parts = (("query", questions, q_prompt, q0), ("doc", texts, plan.passage_prompt, d0))
+            for kind, items, prompt, start in parts:
                 if len(items):
                     for i in sorted({0, len(items) - 1}):
                         text = items[i] if isinstance(items, list) else items[i].as_py()
-                        samples.append((kind, start + i, f"{prefix} {text}" if prefix else text))
+                        samples.append((kind, start + i, prompt + text))
                 max_len = cfg.query_max_len if kind == "query" else cfg.passage_max_len
                 for part in shards(items):
-                    yield (qf if kind == "query" else df), part, prefix, max_len
+                    yield (qf if kind == "query" else df), part, prompt, max_len
             q0, d0 = q0 + plan.num_queries, d0 + plan.num_new_docs
 
     total = sum(p.num_queries + p.num_new_docs for p in plans)
@@ -870,8 +876,8 @@ def tokenize_all(cfg: Config, plans: list[Plan], tok, qf: TokenFile, df: TokenFi
     if num_proc <= 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core, as each worker of --num-proc N
         encoder = ShardTokenizer(tok.backend_tokenizer, len(tok), tok.truncation_side, cfg.tokenizer)
-        for out, part, prefix, max_len in tasks():
-            out.append(*encoder.encode_flat(part, prefix, max_len))
+        for out, part, prompt, max_len in tasks():
+            out.append(*encoder.encode_flat(part, prompt, max_len))
             bar.update(len(part))
         bar.close()
         return samples
@@ -885,8 +891,8 @@ def tokenize_all(cfg: Config, plans: list[Plan], tok, qf: TokenFile, df: TokenFi
     )
     pending = deque()
     try:
-        for out, part, prefix, max_len in tasks():
-            pending.append((out, len(part), pool.submit(encode_shard, part, prefix, max_len)))
+        for out, part, prompt, max_len in tasks():
+            pending.append((out, len(part), pool.submit(encode_shard, part, prompt, max_len)))
             while len(pending) > 2 * num_proc or (pending and pending[0][2].done()):
                 out_, n, future = pending.popleft()
                 out_.append(*future.result())
@@ -933,19 +939,6 @@ def already_prepared(cfg: Config, out: Path) -> bool:
     return True
 
 
-def remove_stale_temp_dirs(out: Path) -> None:
-    """Temp folders of runs that were killed (SIGKILL, power loss) before they could clean up."""
-    for tmp in out.parent.glob(f"{out.name}.tmp-*"):
-        try:
-            pid = int(tmp.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)  # raises when no such process: the run that owned it is gone
-        except ProcessLookupError:
-            print(f"removing {tmp} left by an interrupted run")
-            shutil.rmtree(tmp, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass
-
-
 def check_output(path: Path, tok, cfg: Config, samples: list[tuple]) -> None:
     """Re-read what was written: checksums, index ranges, and a few examples re-tokenized directly."""
     data = PreparedData(path)
@@ -968,11 +961,10 @@ def cpu_seconds() -> float:
 def write_prepared(cfg: Config, tok, plans: list[Plan], out: Path) -> dict:
     vocab_size = len(tok)
     dtype = token_dtype(vocab_size)
-    remove_stale_temp_dirs(out)
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     t0, cpu0 = time.perf_counter(), cpu_seconds()
-    try:
-        tmp.mkdir(parents=True)
+    # Built in <out>.tmp-<pid>, checked, then renamed into place (an existing folder, --overwrite, is
+    # swapped only then); on any error, Ctrl-C included, the temp folder is removed.
+    with atomic_dir(out) as tmp:
         qf, df = TokenFile(tmp / "query_tokens.npy", dtype), TokenFile(tmp / "doc_tokens.npy", dtype)
         samples = tokenize_all(cfg, plans, tok, qf, df)
         q_off, q_entry = qf.close()
@@ -995,6 +987,10 @@ def write_prepared(cfg: Config, tok, plans: list[Plan], out: Path) -> dict:
                     "corpus_id": p.corpus_id,
                     "query_instruction": p.query_instruction,
                     "passage_instruction": p.passage_instruction,
+                    # the exact strings before each text, which the export gives sentence-transformers;
+                    # query_prompt is null for JSONL files whose lines carry prompts of their own
+                    "query_prompt": p.query_prompt,
+                    "passage_prompt": p.passage_prompt,
                     "num_queries": p.num_queries,
                     "first_query": first,
                     "num_new_docs": p.num_new_docs,
@@ -1022,16 +1018,6 @@ def write_prepared(cfg: Config, tok, plans: list[Plan], out: Path) -> dict:
             f.flush()
             os.fsync(f.fileno())
         check_output(tmp, tok, cfg, samples)
-        if out.exists():  # only with --overwrite (already_prepared refused otherwise)
-            old = out.parent / f"{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:  # also Ctrl-C: never leave a half-written folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     dt, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     texts = meta["num_queries"] + meta["num_docs"]
     tokens = meta["num_query_tokens"] + meta["num_doc_tokens"]
@@ -1083,23 +1069,21 @@ def inspect(cfg: Config) -> None:
 
 
 def main(argv=None) -> None:
-    try:
-        cfg = parse_args(argv)
-        if cfg.inspect is not None:
-            inspect(cfg)
-            return
-        print("config:", json.dumps(dataclasses.asdict(cfg)), flush=True)
-        out = Path(cfg.output_dir)
-        if already_prepared(cfg, out):
-            return
-        tok = load_tokenizer(cfg.tokenizer)
-        if cfg.download_path is not None:
-            fetch_hf_subsets(Path(cfg.download_path), cfg.subsets)
-        plans = plan_all(cfg)
-        write_prepared(cfg, tok, plans, out)
-    except ValueError as e:  # DataError included: a clean message, exit status 1
-        sys.exit(f"prepare_data.py: error: {e}")
+    """Errors a user can fix raise ValueError (DataError included); run_cli prints them without a traceback."""
+    cfg = parse_args(argv)
+    if cfg.inspect is not None:
+        inspect(cfg)
+        return
+    print("config:", json.dumps(dataclasses.asdict(cfg)), flush=True)
+    out = Path(cfg.output_dir)
+    if already_prepared(cfg, out):
+        return
+    tok = load_tokenizer(cfg.tokenizer)
+    if cfg.download_path is not None:
+        fetch_hf_subsets(Path(cfg.download_path), cfg.subsets)
+    plans = plan_all(cfg)
+    write_prepared(cfg, tok, plans, out)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -152,10 +152,11 @@ def prepare(root, out, tokenizer, *extra, subsets=("Alpha", "Beta")):
 
 
 def fails(*args, match):
-    with pytest.raises(SystemExit) as e:
+    """A user error: main raises ValueError, which the command line prints as "prepare_data.py: error: ..."
+    with exit status 2 (test_cli_exit_codes)."""
+    with pytest.raises(ValueError) as e:
         run(*args)
-    message = str(e.value.code)
-    assert message.startswith("prepare_data.py: error: "), message
+    message = str(e.value)
     for part in match if isinstance(match, tuple) else (match,):
         assert part in message, message
     return message
@@ -796,7 +797,8 @@ def test_cli_exit_codes(tmp_path, llama_tokenizer_path):
     bad = subprocess.run(
         [sys.executable, "prepare_data.py", "--inspect", tmp_path / "nothing"], cwd=REPO, capture_output=True, text=True
     )
-    assert bad.returncode == 1 and "no meta.json" in bad.stderr and "prepare_data.py" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("prepare_data.py: error: ") and "no meta.json" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 # ----------------------------------------------------------------------------------------------
