@@ -4,7 +4,7 @@ In:  the run folder of train_biencoder.py: `<run>/checkpoints/latest` names the 
      `<run>/checkpoints/<tag>/` holds DeepSpeed's ZeRO-3 files and train_state.json. Or, with
      --checkpoint, any list of run folders, checkpoints folders, tag folders or exported folders,
      averaged parameter by parameter (--weights, default equal).
-Out: `<run>/export/` (or --out), usable at once by transformers, sentence-transformers, the
+Out: `<run>/export/` (or --output-dir), usable at once by transformers, sentence-transformers, the
      project's BiEncoder, vLLM and llama.cpp:
      - model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json
        (--dtype bfloat16 by default, --max-shard-size 5GB);
@@ -24,7 +24,7 @@ holds whole shards and took ~41 GB for Llama-3-8B: bench/bench_export.py). So an
 16 GB machine. The folder is written as `<out>.tmp-<pid>`, verified (every tensor re-read and
 compared; probe texts embedded with sentence-transformers and compared with the checkpoint's own
 model), then renamed; on any error it is removed. The embedding check holds the model in fp32
-(4 bytes per parameter, --device cuda puts it on the GPU); where that memory is missing it is
+(4 bytes per parameter; on a GPU when one is visible, see --device); where that memory is missing it is
 skipped with a warning, and `--verify-only` repeats it on a bigger machine.
 
 Trust: DeepSpeed checkpoints are pickles. They are loaded with torch.load(weights_only=True); the
@@ -33,7 +33,7 @@ stand-ins, nothing else is allowed. Still, only export checkpoints from a source
 
     python export_hf.py                                   # latest checkpoint of output/llama_embed_nemotron_8b
     python export_hf.py --run output/run2 --tag step_00003000 --dtype float32
-    python export_hf.py --checkpoint output/run1 output/run2 output/run3 --out output/merged
+    python export_hf.py --checkpoint output/run1 output/run2 output/run3 --output-dir output/merged
     python export_hf.py --verify-only output/llama_embed_nemotron_8b/export
 
 Tiny CPU example, after the tiny CPU run in train_biencoder.py's docstring (default --output-dir):
@@ -58,6 +58,8 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from common import atomic_dir, run_cli
+
 # Elements per read: 16M fp32 = 64 MB. Every tensor is streamed in row-aligned chunks of this size.
 CHUNK_ELEMS = 1 << 24
 # A source's memory-mapped files are dropped and re-mapped after this many bytes were read, so the
@@ -80,8 +82,6 @@ ST_DTYPES = {
 }
 TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 
-LLAMA_TYPES = ("llama", "llama_bidirec")
-ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra")
 REMOTE_CODE = Path(__file__).resolve().parent / "model" / "llama_bidirectional_model.py"
 AUTO_MAP = {
     "AutoConfig": "llama_bidirectional_model.LlamaBidirectionalConfig",
@@ -107,14 +107,14 @@ class ExportConfig:
     run: str = "output/llama_embed_nemotron_8b"  # run folder (train_biencoder.py --output-dir)
     checkpoint: list[str] = field(default_factory=list)  # overrides --run; several = average
     tag: str | None = None  # default: the tag in checkpoints/latest
-    out: str | None = None  # default: <run>/export
+    output_dir: str | None = None  # default: <run>/export
     dtype: str = "bfloat16"
     max_shard_size: str = "5GB"
     weights: list[float] | None = None  # merge weights, normalised to sum 1
     overwrite: bool = False
     verify: bool = True
     verify_only: str | None = None
-    device: str = "cpu"  # for the embedding check
+    device: str = "auto"  # of the embedding check; auto: cuda when a GPU is visible, else cpu
 
     def validate(self):
         if self.dtype not in DTYPES:
@@ -128,8 +128,8 @@ class ExportConfig:
                 )
             if any(w <= 0 for w in self.weights):
                 raise ValueError(f"--weights {self.weights}: weights must be positive")
-        if self.verify_only and (self.out or self.overwrite):
-            raise ValueError("--verify-only DIR checks an existing export: drop --out / --overwrite")
+        if self.verify_only and (self.output_dir or self.overwrite):
+            raise ValueError("--verify-only DIR checks an existing export: drop --output-dir / --overwrite")
         if self.verify_only and not self.verify:
             raise ValueError("--verify-only and --no-verify contradict each other")
 
@@ -146,8 +146,9 @@ def parse_args(argv=None) -> ExportConfig:
         help="run / checkpoints / tag / export folders; several are averaged",
     )
     p.add_argument("--tag", help="checkpoint tag, e.g. step_00003000 (default: the one in checkpoints/latest)")
-    p.add_argument("--out", help="output folder (default: <run>/export)")
-    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES))
+    p.add_argument("--output-dir", help="output folder (default: <run>/export)")
+    p.add_argument("--out", dest="output_dir", help=argparse.SUPPRESS)  # the former name, kept for scripts
+    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="exported weights (default: %(default)s)")
     p.add_argument(
         "--max-shard-size",
         default=d.max_shard_size,
@@ -159,8 +160,8 @@ def parse_args(argv=None) -> ExportConfig:
     p.add_argument("--verify-only", metavar="DIR", help="re-check an existing export against its checkpoints")
     p.add_argument(
         "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="device of the embedding check (default: %(default)s)",
+        default=d.device,
+        help="device of the embedding check: cpu, cuda, cuda:N, or auto = cuda when a GPU is visible (default: auto)",
     )
     cfg = ExportConfig(**vars(p.parse_args(argv)))
     cfg.validate()
@@ -250,8 +251,10 @@ def resolve_file(path: str, name: str) -> Path | None:
 
 
 def load_base_config(path: str) -> dict:
-    """The base model's config.json as a dict. Read as JSON, without transformers, whose import
-    alone takes a second or two; it is imported where a model is built."""
+    """The base model's config.json as a dict, read as JSON; an export's (model_type llama_bidirec)
+    becomes the Llama config it was built from."""
+    from model.biencoder import BIDIRECTIONAL_LLAMA_TYPE, base_llama_fields  # imports transformers: not at start
+
     f = resolve_file(path, "config.json")
     if f is None:
         raise ValueError(
@@ -259,10 +262,8 @@ def load_base_config(path: str) -> dict:
             f"cache; download it first (huggingface-cli download {path})"
         )
     fields = json.loads(f.read_text())
-    if fields.get("model_type") == "llama_bidirec":  # an export of this script: the Llama config it is
-        for key in ("architectures", "auto_map", "pooling", "is_causal"):
-            fields.pop(key, None)
-        fields["model_type"] = "llama"
+    if fields.get("model_type") == BIDIRECTIONAL_LLAMA_TYPE:
+        fields = {**base_llama_fields(fields), "model_type": "llama"}
     return fields
 
 
@@ -275,6 +276,8 @@ def hf_config(fields: dict):
 
 
 def model_family(config: dict) -> str:
+    from model.biencoder import ENCODER_TYPES, LLAMA_TYPES
+
     if config["model_type"] in LLAMA_TYPES:
         return "llama"
     if config["model_type"] in ENCODER_TYPES:
@@ -1088,14 +1091,14 @@ def check_embeddings(out: Path, job: Job, dtype: str, device: str) -> None:
 def export(cfg: ExportConfig) -> Path:
     paths = cfg.checkpoint or [cfg.run]
     job = prepare(paths, cfg.tag, cfg.weights)
-    if cfg.out:
-        out = Path(cfg.out)
+    if cfg.output_dir:
+        out = Path(cfg.output_dir)
     elif len(job.sources) == 1 and isinstance(job.sources[0], ZeroCheckpoint):
         out = job.sources[0].dir.parent.parent / "export"  # <run>/checkpoints/<tag> -> <run>/export
     else:
-        raise ValueError("give --out DIR when averaging checkpoints or re-exporting an export")
+        raise ValueError("give --output-dir DIR when averaging checkpoints or re-exporting an export")
     if out.exists() and not cfg.overwrite:
-        raise ValueError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+        raise ValueError(f"{out} exists: pass --overwrite to replace it, or choose another --output-dir")
     for s, w in zip(job.sources, job.weights, strict=True):
         print(f"source: {s.label} (step {s.step}, final loss {s.final_loss}, weight {w:.4g})")
     if len(job.prompts) > 2 and not job.query_instruction:
@@ -1103,29 +1106,20 @@ def export(cfg: ExportConfig) -> Path:
         print(f"subset's prompt is in config_sentence_transformers.json: {sorted(job.prompts)[:8]}")
     print(f"base model: {job.tokenizer_path} ({job.config['model_type']}, {job.num_params:,} parameters) -> {out}")
 
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
-        tmp.mkdir(parents=True)
-        write_model_files(tmp, job.config, job.family, job.tokenizer_path, cfg.dtype)
-        max_bytes = parse_size(cfg.max_shard_size)
-        weight_map = write_weights(tmp, job.average, job.expected, DTYPES[cfg.dtype], max_bytes)
-        write_sentence_transformers(tmp, job.config["hidden_size"], job.prompts, max_seq_length(job))
-        write_info_and_card(tmp, job, cfg.dtype, weight_map)
-        if cfg.verify:
-            check_tensors(tmp, job, DTYPES[cfg.dtype])
-            check_embeddings(tmp, job, cfg.dtype, cfg.device)
-        if out.exists():  # --overwrite: swap only now that the new folder is complete and checked
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise OSError(f"writing {tmp} failed ({e}); the partial folder was removed, {out} is unchanged") from e
-        raise
+        # Written in <out>.tmp-<pid>, checked, then renamed (an existing folder, --overwrite, is swapped
+        # only now that the new one is complete and checked); on any error the temp folder is removed.
+        with atomic_dir(out) as tmp:
+            write_model_files(tmp, job.config, job.family, job.tokenizer_path, cfg.dtype)
+            max_bytes = parse_size(cfg.max_shard_size)
+            weight_map = write_weights(tmp, job.average, job.expected, DTYPES[cfg.dtype], max_bytes)
+            write_sentence_transformers(tmp, job.config["hidden_size"], job.prompts, max_seq_length(job))
+            write_info_and_card(tmp, job, cfg.dtype, weight_map)
+            if cfg.verify:
+                check_tensors(tmp, job, DTYPES[cfg.dtype])
+                check_embeddings(tmp, job, cfg.dtype, resolve_device(cfg.device))
+    except OSError as e:  # a full disk, a read-only folder: something the user fixes
+        raise ValueError(f"writing {out} failed ({e}); the partial folder was removed, {out} is unchanged") from e
     return out
 
 
@@ -1139,15 +1133,19 @@ def verify_only(cfg: ExportConfig) -> None:
     weights = cfg.weights or (None if cfg.checkpoint else [s["weight"] for s in info["sources"]])
     job = prepare(paths, cfg.tag, weights)
     check_tensors(out, job, DTYPES[info["dtype"]])
-    check_embeddings(out, job, info["dtype"], cfg.device)
+    check_embeddings(out, job, info["dtype"], resolve_device(cfg.device))
 
 
-def main(argv=None) -> int:
-    try:
-        cfg = parse_args(argv)
-    except ValueError as e:
-        print(f"export_hf.py: error: {e}", file=sys.stderr)
-        return 2
+def resolve_device(device: str) -> str:
+    """--device auto: cuda when a GPU is visible, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def main(argv=None) -> None:
+    """Errors a user can fix raise ValueError; run_cli prints them without a traceback (exit status 2)."""
+    cfg = parse_args(argv)
     print("export_hf.py", json.dumps(asdict(cfg)))
     try:
         if cfg.verify_only:
@@ -1156,11 +1154,9 @@ def main(argv=None) -> int:
         else:
             out = export(cfg)
             print(f"OK: wrote {out}")
-    except (ValueError, OSError) as e:
-        print(f"export_hf.py: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    except OSError as e:  # an unreadable checkpoint or export file: the path is in the message
+        raise ValueError(str(e)) from e
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -28,6 +28,18 @@ from .attention import ATTN_IMPLEMENTATION
 
 # config.json of an export in the reference's format (see export_hf.py)
 BIDIRECTIONAL_LLAMA_TYPE = "llama_bidirec"
+# The model families this project trains and exports, by config.json model_type. Llama-family
+# models are made bidirectional; encoders are bidirectional already and used as they are.
+LLAMA_TYPES = ("llama", BIDIRECTIONAL_LLAMA_TYPE)
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra")
+# The keys an export adds to its base model's Llama config (export_hf.write_model_files).
+EXPORT_CONFIG_KEYS = ("model_type", "architectures", "auto_map", "pooling", "is_causal")
+
+
+def base_llama_fields(fields: dict) -> dict:
+    """config.json fields of an export (model_type llama_bidirec) -> the LlamaConfig fields it was built
+    from, without model_type (EXPORT_CONFIG_KEYS dropped)."""
+    return {k: v for k, v in fields.items() if k not in EXPORT_CONFIG_KEYS}
 
 
 def make_bidirectional(encoder: nn.Module) -> nn.Module:
@@ -90,14 +102,11 @@ def load_encoder(path: str, dtype=torch.float32, attn_implementation: str = ATTN
     config_file = Path(path) / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == BIDIRECTIONAL_LLAMA_TYPE:
         # The reference's export format: a LlamaModel's weights under a custom model_type.
-        fields = json.loads(config_file.read_text())
-        for key in ("model_type", "architectures", "auto_map", "pooling"):
-            fields.pop(key, None)
-        config = LlamaConfig(**fields)
+        config = LlamaConfig(**base_llama_fields(json.loads(config_file.read_text())))
         return LlamaModel.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn_implementation)
     config = AutoConfig.from_pretrained(path)
     extra = {}
-    if config.model_type in ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra"):
+    if config.model_type in ENCODER_TYPES:
         extra["add_pooling_layer"] = False  # mean pooling; the [CLS] pooler would be dead weight
     if config.model_type == "distilbert":
         extra.pop("add_pooling_layer")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import export_hf
+from common import USER_ERROR_STATUS, run_cli
 from tiny_models import REPO, deepspeed_launcher, minilm_dir, save_tiny_llama, tiny_llama_config
 
 QUERY_INSTRUCTION = "Instruct: Given a question, retrieve passages that answer the question\nQuery:"
@@ -155,7 +156,8 @@ def runs(tmp_path_factory):
 
 
 def run_export(*args: str) -> int:
-    return export_hf.main([str(a) for a in args])
+    """export_hf.py's exit status: 0, or USER_ERROR_STATUS with "export_hf.py: error: ..." on stderr."""
+    return run_cli(export_hf.main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +165,9 @@ def exports(runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("exports")
     a, b, bert = runs["a"][0], runs["b"][0], runs["bert"][0]
     # Small shards, so that the fp32 export is sharded with an index as an 8B export is.
-    assert run_export("--run", a, "--out", out / "a32", "--dtype", "float32", "--max-shard-size", "10MB") == 0
-    assert run_export("--run", b, "--out", out / "b16") == 0
-    assert run_export("--run", bert, "--out", out / "bert32", "--dtype", "float32") == 0
+    assert run_export("--run", a, "--output-dir", out / "a32", "--dtype", "float32", "--max-shard-size", "10MB") == 0
+    assert run_export("--run", b, "--output-dir", out / "b16") == 0
+    assert run_export("--run", bert, "--output-dir", out / "bert32", "--dtype", "float32") == 0
     return {"a32": out / "a32", "b16": out / "b16", "bert32": out / "bert32"}
 
 
@@ -366,12 +368,13 @@ def test_merge_equals_average_by_hand(runs, exports, tmp_path):
     a, b = runs["a"][0], runs["b"][0]
     ta, tb = zero_to_fp32(a), zero_to_fp32(b)
     # Two checkpoints, equal weights (with the built-in checks)
-    assert run_export("--checkpoint", a, b, "--out", tmp_path / "m", "--dtype", "float32") == 0
+    assert run_export("--checkpoint", a, b, "--output-dir", tmp_path / "m", "--dtype", "float32") == 0
     got = export_tensors(tmp_path / "m")
     for name in ta:
         assert torch.equal(got[name], (ta[name] + tb[name]) / 2), name
     # An exported folder as a source, and weights
-    args = ("--checkpoint", exports["a32"], b, "--weights", "3", "1", "--out", tmp_path / "w", "--dtype", "float32")
+    args = ("--checkpoint", exports["a32"], b, "--weights", "3", "1", "--output-dir", tmp_path / "w")
+    args += ("--dtype", "float32")
     assert run_export(*args, "--no-verify") == 0
     got = export_tensors(tmp_path / "w")
     for name in ta:
@@ -383,7 +386,8 @@ def test_merge_equals_average_by_hand(runs, exports, tmp_path):
 
 @pytest.mark.slow
 def test_merge_refuses_different_architectures(runs, tmp_path, capsys):
-    assert run_export("--checkpoint", runs["a"][0], runs["bert"][0], "--out", tmp_path / "m") == 1
+    status = run_export("--checkpoint", runs["a"][0], runs["bert"][0], "--output-dir", tmp_path / "m")
+    assert status == USER_ERROR_STATUS
     assert "different base model" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
 
@@ -416,7 +420,7 @@ def test_verify_only_accepts_a_good_export_and_catches_damage(exports, tmp_path,
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0x40
     shard.write_bytes(bytes(data))
-    assert run_export("--verify-only", bad) == 1
+    assert run_export("--verify-only", bad) == USER_ERROR_STATUS
     assert "differs from the checkpoint" in capsys.readouterr().err
     # A lost query prompt: the tensors are right, the embeddings are not
     bad = tmp_path / "bad_prompt"
@@ -424,7 +428,7 @@ def test_verify_only_accepts_a_good_export_and_catches_damage(exports, tmp_path,
     st_config = json.loads((bad / "config_sentence_transformers.json").read_text())
     st_config["prompts"]["query"] = ""
     (bad / "config_sentence_transformers.json").write_text(json.dumps(st_config))
-    assert run_export("--verify-only", bad) == 1
+    assert run_export("--verify-only", bad) == USER_ERROR_STATUS
     assert "embeddings differ" in capsys.readouterr().err
 
 
@@ -468,7 +472,7 @@ def test_bad_checkpoints_fail_cleanly(runs, tmp_path, capsys, case, message):
     else:
         run, args = runs["a"][0], ["--tag", "step_00000099"]
     out = tmp_path / "out"
-    assert run_export("--run", run, "--out", out, *args) == 1
+    assert run_export("--run", run, "--output-dir", out, *args) == USER_ERROR_STATUS
     err = capsys.readouterr().err
     assert message in err, err
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
@@ -479,10 +483,10 @@ def test_existing_output_needs_overwrite(runs, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert run_export("--run", runs["a"][0], "--out", out, "--no-verify") == 1
+    assert run_export("--run", runs["a"][0], "--output-dir", out, "--no-verify") == USER_ERROR_STATUS
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
-    assert run_export("--run", runs["a"][0], "--out", out, "--no-verify", "--overwrite") == 0
+    assert run_export("--run", runs["a"][0], "--output-dir", out, "--no-verify", "--overwrite") == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert not list(tmp_path.glob("out.*"))
 
@@ -495,10 +499,12 @@ def test_full_disk_leaves_nothing_behind(runs, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 2**20, 4 * 2**20))
 
     out = tmp_path / "out"
+    # --out: the former name of --output-dir, still accepted
     cmd = [sys.executable, str(REPO / "export_hf.py"), "--run", str(runs["a"][0]), "--out", str(out), "--no-verify"]
     env = dict(os.environ, TQDM_DISABLE="1")
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, preexec_fn=limit_file_size)
-    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.returncode == USER_ERROR_STATUS, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
     assert "failed" in result.stderr and "unchanged" in result.stderr
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
 
