@@ -42,6 +42,7 @@ import copy
 import json
 import math
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from common import load_pretrained, run_cli, write_atomic
 from model import BiEncoder
 
 METRICS = ("NDCG@10", "Recall@10", "Recall@100", "MRR@10")
@@ -236,7 +238,7 @@ def load_replicas(path: str | Path, device: str, dtype: str) -> list[BiEncoder]:
     if Path(path).exists() and not (Path(path) / "config.json").is_file():  # else: a hub name
         raise ValueError(f"{path}/config.json not found: --model must be a Hugging Face model folder or an export")
     devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if device == "cuda" else ["cpu"]
-    enc = BiEncoder.from_pretrained(str(path), dtype=DTYPES[dtype])
+    enc = load_pretrained(lambda name: BiEncoder.from_pretrained(name, dtype=DTYPES[dtype]), str(path), "--model")
     # Copies first, from the CPU original, so no GPU holds two models at once.
     return [copy.deepcopy(enc).to(d) for d in devices[1:]] + [enc.to(devices[0])]
 
@@ -460,7 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (per GPU)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="cuda = every visible GPU")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on GPUs, else float32")
-    p.add_argument("--output-json", help="also write the result JSON here")
+    p.add_argument("--output-json", help="also write the result JSON to this file")
     args = p.parse_args(argv)
     if not args.beir and not args.mteb:
         p.error("nothing to evaluate: give --beir DATA_DIR and/or --mteb TASK ...")
@@ -492,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             import mteb
         except ImportError:
-            raise SystemExit("--mteb needs the mteb package: pip install mteb (and network access)") from None
+            raise ValueError("--mteb needs the mteb package: pip install mteb (and network access)") from None
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     replicas = load_replicas(args.model, device, dtype)
@@ -519,13 +521,10 @@ def main(argv: list[str] | None = None) -> dict:
         result["mteb"] = scores
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
+        write_atomic(args.output_json, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result), flush=True)  # the last line of stdout: the result, for scripts
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    sys.exit(run_cli(main))  # a ValueError (a user error): "evaluate.py: error: ...", exit status 2

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
+from common import load_pretrained, run_cli, write_atomic
 from dataset import PreparedData
 from model import BiEncoder, contrastive_loss, pack
 
@@ -105,6 +106,35 @@ class TrainConfig:
         need(self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
 
 
+# Help text of every TrainConfig field: its command-line flag is --field-name (parse_config).
+HELP = {
+    "model": "base model: Hugging Face hub name or local folder, Llama-family or BERT-family",
+    "data": "folder written by prepare_data.py",
+    "output_dir": "run folder: config.json, metrics.jsonl, checkpoints/ (a re-run resumes from it)",
+    "deepspeed": "DeepSpeed JSON with engine settings only (ZeRO stage, bf16, buckets, offload)",
+    "global_batch_size": "queries per optimizer step, all GPUs together; divisible by the number of GPUs",
+    "micro_batch_size": "queries per GPU per forward, with gradient accumulation; unset: pack by --max-tokens-per-gpu",
+    "max_tokens_per_gpu": "token budget of one packed micro-batch (queries and their passages) per GPU",
+    "num_negatives": "hard negatives per query (at most what --data holds)",
+    "temperature": "logits = cosine / temperature",
+    "in_batch_negatives": "also score each query against the other queries' passages of its micro-batch",
+    "lr": "peak learning rate",
+    "warmup_steps": "linear warmup steps, then linear decay to 0 at the last step",
+    "weight_decay": "decoupled (AdamW) weight decay, on all parameters",
+    "adam_beta1": "AdamW beta1",
+    "adam_beta2": "AdamW beta2",
+    "adam_eps": "AdamW epsilon",
+    "max_grad_norm": "clip gradients to this global norm",
+    "epochs": "passes over --data; the LR schedule spans them all",
+    "max_steps": "stop after this many optimizer steps (the LR schedule still spans every epoch)",
+    "seed": "random seed (torch); epoch e's data order is randperm(N, seed + e)",
+    "save_every": "write a checkpoint every this many steps (and at the end)",
+    "keep_checkpoints": "newest checkpoints kept; older ones are deleted",
+    "gradient_checkpointing": "recompute activations in the backward pass (less memory, same math)",
+    "tensorboard": "also log to OUTPUT_DIR/tensorboard (needs the tensorboard package)",
+}
+
+
 # Settings a resumed run must share with the run that wrote the checkpoint: they define the data
 # order, the loss and the optimizer trajectory. (max_steps, save_every, output paths may change.)
 RESUME_FIELDS = (
@@ -112,6 +142,11 @@ RESUME_FIELDS = (
     "temperature", "in_batch_negatives", "lr", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
     "adam_eps", "max_grad_norm", "epochs", "seed", "gradient_checkpointing",
 )  # fmt: skip
+
+
+def flag_help(f: dataclasses.Field) -> str:
+    default = {True: "on", False: "off", None: "unset"}.get(f.default, f.default)
+    return f"{HELP.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse formats help with %
 
 
 def parse_config(argv=None) -> TrainConfig:
@@ -122,10 +157,12 @@ def parse_config(argv=None) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:  # real on/off flags, never type=bool
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=flag_help(f)
+            )
         else:
             cast = int if f.type in (int, int | None) else float if f.type is float else str
-            parser.add_argument(flag, dest=f.name, type=cast, default=None, help=f"default: {f.default}")
+            parser.add_argument(flag, dest=f.name, type=cast, default=None, help=flag_help(f))
     args = parser.parse_args(argv)
     values = {}
     if args.config:
@@ -276,7 +313,7 @@ def check_inputs(cfg: TrainConfig, world: int) -> PreparedData:
         weights = list(model_path.glob("*.safetensors")) + list(model_path.glob("*.bin"))
         if not (model_path / "config.json").is_file() or not weights:
             raise ValueError(f"--model {cfg.model}: a model folder needs config.json and *.safetensors/*.bin weights")
-    tok = AutoTokenizer.from_pretrained(cfg.model)
+    tok = load_pretrained(AutoTokenizer.from_pretrained, cfg.model, "--model", "tokenizer")
     if len(tok) != data.meta["vocab_size"]:
         raise ValueError(
             f"{cfg.data} was tokenized with {data.meta['tokenizer']} (vocab {data.meta['vocab_size']}) but the "
@@ -383,15 +420,6 @@ def prune_checkpoints(ckpt_dir: Path, latest: str, keep: int):
     for t in tags:
         if t not in complete[-keep:]:
             shutil.rmtree(ckpt_dir / t, ignore_errors=True)
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def maybe_fault(where: str, step: int):
@@ -606,8 +634,4 @@ def train_step(engine, data, cfg: TrainConfig, queries: np.ndarray, lengths: np.
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # a user error: say what to fix, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))  # a ValueError (a user error): "train_biencoder.py: error: ...", exit status 2
