@@ -97,20 +97,97 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Ten
     return torch.arange(total, device=cu_seqlens.device) - starts
 
 
+# Checkpoint tensors that are not part of the encoder and are dropped on purpose: a causal LM's
+# head (Llama-3.1-8B is published as LlamaForCausalLM) and BERT's [CLS] pooler (we mean-pool).
+DROPPED_HEADS = ("lm_head.", "pooler.")
+
+
+def stored_tensor_names(path: str) -> set[str] | None:
+    """Names of the tensors in a model's safetensors files (index or headers only, nothing loaded);
+    None when they cannot be listed (.bin checkpoints, a hub name not in the local cache)."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    def find(name):
+        if (Path(path) / name).is_file():
+            return Path(path) / name
+        found = cached_file(path, name, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)  # fmt: skip
+        return Path(found) if found else None
+
+    index = find("model.safetensors.index.json")
+    if index is not None:
+        return set(json.loads(index.read_text())["weight_map"])
+    single = find("model.safetensors")
+    if single is None:
+        return None
+    with safe_open(str(single), framework="pt") as f:
+        return set(f.keys())
+
+
+def encoder_key_report(encoder: nn.Module, stored: set[str]) -> dict:
+    """Compare a checkpoint's tensor names with the encoder's own state-dict keys.
+
+    A causal LM checkpoint stores the encoder under its base-model prefix ("model.layers.0...");
+    it is stripped here as transformers strips it. Returns the encoder keys the checkpoint lacks
+    (`missing`), the checkpoint tensors that belong to no encoder key (`unexpected`) and the known
+    heads dropped on purpose (`dropped`). Non-persistent buffers stored by old checkpoints (BERT's
+    position_ids) are neither.
+    """
+    prefix = f"{encoder.base_model_prefix}."
+    names = {k[len(prefix) :] if k.startswith(prefix) else k for k in stored}
+    expected = set(encoder.state_dict().keys())
+    buffers_not_saved = {n for n, _ in encoder.named_buffers()} - expected
+    extra = names - expected - buffers_not_saved
+    dropped = sorted(k for k in extra if k.startswith(DROPPED_HEADS))
+    return {"missing": sorted(expected - names), "unexpected": sorted(extra - set(dropped)), "dropped": dropped}
+
+
+def check_loaded(path: str, encoder: nn.Module, info: dict) -> list[str]:
+    """Stop on any encoder weight the checkpoint did not provide or any tensor it has that the
+    encoder does not take: transformers only logs those (missing weights stay randomly initialised,
+    silently, e.g. if a renaming path between a causal-LM checkpoint and the bare model changes).
+    Returns the head tensors dropped on purpose, for the caller to report."""
+    stored = stored_tensor_names(path)
+    report = encoder_key_report(encoder, stored) if stored is not None else {"missing": [], "unexpected": []}
+    missing = sorted(set(report["missing"]) | set(info.get("missing_keys", ())))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} encoder weights missing from the checkpoint (they would train from random "
+                        f"values): {missing[:6]}")  # fmt: skip
+    if report["unexpected"]:
+        problems.append(f"{len(report['unexpected'])} checkpoint tensors match no encoder weight: "
+                        f"{report['unexpected'][:6]}")  # fmt: skip
+    for key in ("mismatched_keys", "error_msgs"):
+        if info.get(key):
+            problems.append(f"{key}: {list(info[key])[:6]}")
+    if problems:
+        raise ValueError(
+            f"{path} does not load as a {type(encoder).__name__}: "
+            + "; ".join(problems)
+            + ". Check that the folder is a complete checkpoint of a supported architecture (a Llama-family "
+            "base or causal LM, an export of this project, or a BERT-family encoder)"
+        )
+    return report.get("dropped", [])
+
+
 def load_encoder(path: str, dtype=torch.float32, attn_implementation: str = ATTN_IMPLEMENTATION) -> nn.Module:
-    """A Hugging Face base model (no head) from a hub name, a local folder or an export."""
+    """A Hugging Face base model (no head) from a hub name, a local folder or an export, with every
+    weight checked to come from the checkpoint (`check_loaded`); `encoder.dropped_heads` lists the
+    head tensors left out (e.g. a causal LM's lm_head.weight)."""
     config_file = Path(path) / "config.json"
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "output_loading_info": True}
     if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == BIDIRECTIONAL_LLAMA_TYPE:
         # The reference's export format: a LlamaModel's weights under a custom model_type.
         config = LlamaConfig(**base_llama_fields(json.loads(config_file.read_text())))
-        return LlamaModel.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn_implementation)
-    config = AutoConfig.from_pretrained(path)
-    extra = {}
-    if config.model_type in ENCODER_TYPES:
-        extra["add_pooling_layer"] = False  # mean pooling; the [CLS] pooler would be dead weight
-    if config.model_type == "distilbert":
-        extra.pop("add_pooling_layer")
-    return AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **extra)
+        encoder, info = LlamaModel.from_pretrained(path, config=config, **kwargs)
+    else:
+        config = AutoConfig.from_pretrained(path)
+        if config.model_type in ENCODER_TYPES and config.model_type != "distilbert":
+            kwargs["add_pooling_layer"] = False  # mean pooling; the [CLS] pooler would be dead weight
+        encoder, info = AutoModel.from_pretrained(path, **kwargs)
+    encoder.dropped_heads = check_loaded(path, encoder, info)
+    return encoder
 
 
 class BiEncoder(nn.Module):
