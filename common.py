@@ -166,7 +166,7 @@ def load_error_message(flag: str, name: str, what: str, error: BaseException) ->
         return f"{tried}. No Hugging Face repository {name}: check the spelling (org/name), or give a local folder"
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if offline or "LocalEntryNotFoundError" in kinds:
-        where = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
+        where = "HF_HUB_OFFLINE is set" if offline else "The Hugging Face Hub cannot be reached"
         return (
             f"{tried}. {where} and {name} is not in the local cache: check the spelling; on a machine with network, "
             f"`huggingface-cli download {name}` (then copy the cache or the folder here), or give a local folder"

@@ -3,7 +3,7 @@
 In:  a random Llama of --shape (bench/bench_setup.py; default 1b on a GPU, tiny on the CPU), built
      directly on the device, and real lengths: the first --queries queries of the recipe order with
      their passages, from a prepared folder (default: SciFact prepared by bench_train.py's rules).
-Out: a summary on the console and --output (JSON):
+Out: a summary on the console and --output-json (JSON):
      - embeddings of BiEncoder.forward (packed, varlen attention) and forward_padded (left padding,
        SDPA) in --dtype, each compared with an fp32 padded reference and with each other
        (max |diff|, min cosine), and the gradients of one contrastive loss (min cosine per parameter);
@@ -11,8 +11,8 @@ Out: a summary on the console and --output (JSON):
        on, as in training, and the share of padding the padded path computes.
      It exits 1 when the two paths disagree beyond the tolerance of --dtype.
 
-    python bench/bench_packed_vs_padded.py --data prepared --output /tmp/packed_vs_padded.json   # GPU: 1b, bf16
-    python bench/bench_packed_vs_padded.py                                                      # CPU: tiny, fp32
+    python bench/bench_packed_vs_padded.py --data prepared --output-json /tmp/packed_vs_padded.json  # GPU: 1b, bf16
+    python bench/bench_packed_vs_padded.py                                                          # CPU: tiny, fp32
 """
 
 import argparse
@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 from bench_setup import SHAPES, llama_config, prepare_scifact, total_params  # noqa: E402
 from transformers import LlamaModel  # noqa: E402
 
+from common import run_cli, write_atomic  # noqa: E402
 from dataset import PreparedData  # noqa: E402
 from model import BiEncoder, contrastive_loss, pack  # noqa: E402
 from train_biencoder import epoch_order  # noqa: E402
@@ -45,11 +46,12 @@ def parse_args(argv=None):
     p.add_argument("--shape", default="1b" if CUDA else "tiny", choices=sorted(SHAPES))
     p.add_argument("--dtype", default="bfloat16" if CUDA else "float32", choices=sorted(TOLERANCE))
     p.add_argument("--data", help="prepared folder (default: SciFact, prepared into --workdir)")
-    p.add_argument("--workdir", default="/tmp/bench_train")
+    p.add_argument("--workdir", default="/tmp/bench_train", help="scratch folder (default: %(default)s)")
     p.add_argument("--queries", type=int, default=16 if CUDA else 4, help="queries (each with 1 + k passages)")
     p.add_argument("--repeats", type=int, default=3 if CUDA else 1, help="timed forward + backward passes per path")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=None, help="JSON file (default: WORKDIR/packed_vs_padded.json)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    p.add_argument("--output-json", help="result JSON file (default: WORKDIR/packed_vs_padded.json)")
+    p.add_argument("--output", dest="output_json", help=argparse.SUPPRESS)  # the former name, kept for scripts
     return p.parse_args(argv)
 
 
@@ -186,12 +188,12 @@ def main(argv=None):
             f"pad {r['pad_share']:.1%}, peak {mem}"
         )
     print(f"  packed is {result['speedup_packed']:.2f}x the padded speed; {'OK' if ok else 'MISMATCH'}")
-    output = Path(args.output or Path(args.workdir) / "packed_vs_padded.json")
+    output = Path(args.output_json or Path(args.workdir) / "packed_vs_padded.json")
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(output, json.dumps(result, indent=2) + "\n")
     print(f"wrote {output}")
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

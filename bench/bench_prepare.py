@@ -33,7 +33,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from bench_setup import default_scifact
+from bench_setup import default_scifact  # also puts the repository on sys.path
+
+from common import load_pretrained, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 QI = "Instruct: Given a scientific claim, retrieve documents that support or refute the claim\nQuery:"
@@ -87,7 +89,7 @@ def bare_tokenizer(name: str, texts: list[str], rust: bool, max_len: int = 512) 
     tok(batch, truncation=True, max_length), or with `rust` its backend's encode_batch_fast."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
+    tok = load_pretrained(AutoTokenizer.from_pretrained, name, "--tokenizer", "tokenizer")
     backend = tok.backend_tokenizer
     backend.enable_truncation(max_len)
     t0 = time.process_time()  # CPU seconds: robust to other jobs sharing the machine
@@ -110,19 +112,19 @@ def prepare(tokenizer: str, root: Path, out: Path, num_proc: int) -> tuple[float
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     command_wall = time.perf_counter() - t0
     if run.returncode != 0:
-        raise SystemExit(f"prepare_data.py failed:\n{run.stderr[-3000:]}")
+        raise ValueError(f"prepare_data.py failed:\n{run.stderr[-3000:]}")
     wall, cpu = map(float, re.search(r" tokens in ([0-9.]+) s, ([0-9.]+) CPU s ", run.stdout).groups())
     return wall, cpu, command_wall, json.loads((out / "meta.json").read_text())
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokenizer", default=default_tokenizer())
+    p.add_argument("--tokenizer", default=default_tokenizer(), help="hub name or folder (default: %(default)s)")
     p.add_argument("--scifact", type=Path, default=None, help="folder with SciFact queries/corpus.parquet")
     p.add_argument("--copies", type=int, default=8, help="SciFact repeated this many times (809 queries each)")
-    p.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--num-proc", type=int, nargs="+", default=[1, 2], help="prepare_data.py --num-proc values")
     p.add_argument("--repeat", type=int, default=3, help="best of this many runs")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the bare tokenizer on one core, as each worker
     scifact = args.scifact or default_scifact()
     import tokenizers
@@ -171,4 +173,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

