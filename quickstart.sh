@@ -65,7 +65,7 @@ fi
 
 RUN="$OUT/run"; [ "$GPUS" = 0 ] || RUN="$OUT"
 echo "== 3/5 export the last checkpoint to a Hugging Face folder"
-python export_hf.py --run "$RUN" --out "$OUT/export" --dtype float32 --overwrite
+python export_hf.py --run "$RUN" --output-dir "$OUT/export" --dtype float32 --overwrite
 echo "== 4/5 evaluate the starting model and the trained one on SciFact test (BEIR)"
 python evaluate.py --model "$MODEL" "${EVAL_ARGS[@]}" "${GPU_ARGS[@]}" --query-prompt "" --output-json "$OUT/eval_base.json"
 python evaluate.py --model "$OUT/export" "${EVAL_ARGS[@]}" "${GPU_ARGS[@]}" "${TRAINED_PROMPT[@]}" --output-json "$OUT/eval_trained.json"

@@ -99,7 +99,7 @@ def main():
 
     # As a module: run as a file from its folder, its sibling types.py would shadow the stdlib's.
     z = [sys.executable, "-m", "deepspeed.utils.zero_to_fp32", str(ckpt), str(work / "z"), "--safe_serialization"]
-    e = [sys.executable, str(REPO / "export_hf.py"), "--run", str(run), "--out"]
+    e = [sys.executable, str(REPO / "export_hf.py"), "--run", str(run), "--output-dir"]
     e32, e16, e16v = work / "e32", work / "e16", work / "e16v"
     tools = {  # name: (command, its output folder)
         "zero_to_fp32.py (fp32)": (z + ["-t", tag], work / "z"),

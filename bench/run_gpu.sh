@@ -76,9 +76,9 @@ MODEL=$WORK/model_$SHAPE
     --tokenizer "$TOKENIZER" --output-dir "$DATA" --num-proc 8
 
 step packed_vs_padded python3 bench/bench_packed_vs_padded.py --shape "$SHAPE" --data "$DATA" \
-    --workdir "$WORK" --output "$OUT/packed_vs_padded.json"
+    --workdir "$WORK" --output-json "$OUT/packed_vs_padded.json"
 
-step random_model python3 bench/bench_setup.py --shape "$SHAPE" --out "$MODEL" --dtype bfloat16 --tokenizer "$TOKENIZER"
+step random_model python3 bench/bench_setup.py --shape "$SHAPE" --output-dir "$MODEL" --dtype bfloat16 --tokenizer "$TOKENIZER"
 
 # SciFact is 7 steps of 128 queries per epoch: --epochs 10 leaves room for $TRAIN_STEPS steps.
 rm -rf "$WORK/train"
@@ -93,7 +93,7 @@ rm -rf "$WORK/train/checkpoints"  # ~17 GB at 1B (bf16 weights + fp32 Adam state
 
 step bench_train deepspeed --num_gpus 1 --master_port "$(free_port)" bench/bench_train.py --shape "$SHAPE" \
     --model "$MODEL" --data "$DATA" --steps "$BENCH_STEPS" --workdir "$WORK/bench" \
-    --output "$OUT/bench_train.json" $BENCH_ARGS
+    --output-json "$OUT/bench_train.json" $BENCH_ARGS
 
 echo "== done in $SECONDS s; failed: ${FAILED[*]:-none}"
 ls -la "$OUT"

@@ -53,7 +53,7 @@ def test_cpu_command_end_to_end(workdir, tmp_path):
     out = tmp_path / "results.json"
     res = run(
         ["bench/bench_train.py", "--workdir", str(workdir), "--steps", "2", "--warmup-steps", "1"]
-        + ["--global-batch-size", "8", "--variants", "ours,reference,st", "--output", str(out)]
+        + ["--global-batch-size", "8", "--variants", "ours,reference,st", "--output-json", str(out)]
         + ["--tokenizer", str(llama_tokenizer_dir())]
     )
     assert "CPU: not meaningful" in res.stdout
@@ -93,7 +93,7 @@ def test_random_init_path_of_the_large_shapes(workdir, tmp_path):
     out = tmp_path / "results.json"
     run(
         ["bench/bench_train.py", "--workdir", str(workdir), "--steps", "1", "--warmup-steps", "1"]
-        + ["--global-batch-size", "4", "--variants", "ours,st", "--build-from-config", "--output", str(out)]
+        + ["--global-batch-size", "4", "--variants", "ours,st", "--build-from-config", "--output-json", str(out)]
         + ["--tokenizer", str(llama_tokenizer_dir())]
     )
     variants = json.loads(out.read_text())["variants"]
@@ -107,7 +107,7 @@ def test_packed_and_padded_forwards_agree(workdir, tmp_path):
     """bench/bench_packed_vs_padded.py, the GPU check of run_gpu.sh, on the CPU: tiny shape, fp32."""
     llama_tokenizer_dir()  # skips without the tokenizer package
     out = tmp_path / "packed_vs_padded.json"
-    run(["bench/bench_packed_vs_padded.py", "--workdir", str(workdir), "--output", str(out), "--queries", "2"])
+    run(["bench/bench_packed_vs_padded.py", "--workdir", str(workdir), "--output-json", str(out), "--queries", "2"])
     result = json.loads(out.read_text())
     assert result["ok"] and result["embeddings"]["packed_vs_padded"]["min_cosine"] > 0.99999
     assert result["paths"]["packed"]["pad_share"] == 0 < result["paths"]["padded"]["pad_share"]
