@@ -1,9 +1,11 @@
 """The bi-encoder architecture: encoder, pooling, loss. No training infrastructure here."""
 
-from .attention import ATTN_IMPLEMENTATION
+from .attention import ATTN_IMPLEMENTATION, packed_kernel_name
 from .biencoder import (
     BiEncoder,
+    check_rotary_buffers,
     check_vocab_covers_tokenizer,
+    load_config,
     load_encoder,
     make_bidirectional,
     mean_pool,
@@ -15,11 +17,14 @@ from .loss import contrastive_loss
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "BiEncoder",
+    "check_rotary_buffers",
     "check_vocab_covers_tokenizer",
+    "load_config",
     "contrastive_loss",
     "load_encoder",
     "make_bidirectional",
     "mean_pool",
     "pack",
+    "packed_kernel_name",
     "segment_mean_pool",
 ]

@@ -24,40 +24,63 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 ATTN_IMPLEMENTATION = "biencoder"
 
 
+def adapt_varlen(fn) -> "callable":
+    """Wrap a torch-style `varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, ...)` so that it computes
+    non-causal attention with the given scale and grouped KV heads, passing only the keyword
+    arguments the function has. Its signature changed between torch releases: 2.10 has `is_causal`
+    and no `scale`, 2.11 adds `scale` and `window_size`, later releases add `enable_gqa`.
+
+    The returned run(q (T, H, d), k (T, Hkv, d), v, cu_seqlens (S+1,), max_len, scale) -> (T, H, d).
+    """
+    params = inspect.signature(fn).parameters
+    fixed = {}
+    if "window_size" in params:
+        fixed["window_size"] = (-1, -1)  # (-1, -1) = no window: full, non-causal attention
+    if "is_causal" in params:
+        fixed["is_causal"] = False
+
+    def run(q, k, v, cu, max_len, scale):
+        extra = dict(fixed)
+        if scale is not None:
+            if "scale" in params:
+                extra["scale"] = scale
+            elif scale != q.shape[-1] ** -0.5:
+                # No `scale` argument: the kernel uses 1/sqrt(d); fold the ratio into q instead.
+                q = q * (scale * q.shape[-1] ** 0.5)
+        if q.shape[1] != k.shape[1]:
+            if "enable_gqa" in params:
+                extra["enable_gqa"] = True
+            else:  # expand the KV heads by hand
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return fn(q, k, v, cu, cu, max_len, max_len, **extra)
+
+    return run
+
+
 @functools.cache
-def _varlen_kernel():
-    """The fastest available variable-length attention on CUDA, or None."""
+def _varlen_kernel() -> tuple:
+    """(name, run) of the fastest variable-length attention on CUDA; run is None when there is none."""
     try:
         from flash_attn import flash_attn_varlen_func
 
         def run(q, k, v, cu, max_len, scale):  # flash-attn handles GQA itself
             return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=False)
 
-        return run
+        return "flash-attn flash_attn_varlen_func", run
     except ImportError:
         pass
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    extra = {}
-    if "window_size" in params:
-        extra["window_size"] = (-1, -1)  # (-1, -1) = full, non-causal attention
-    if "is_causal" in params:
-        extra["is_causal"] = False
-    gqa = "enable_gqa" in params
+        return f"per-segment SDPA (slow fallback: torch {torch.__version__} has no varlen_attn)", None
+    return f"torch.nn.attention.varlen.varlen_attn (torch {torch.__version__})", adapt_varlen(varlen_attn)
 
-    def run(q, k, v, cu, max_len, scale):
-        if q.shape[1] != k.shape[1]:
-            if gqa:
-                extra["enable_gqa"] = True
-            else:  # older torch: expand the KV heads by hand
-                rep = q.shape[1] // k.shape[1]
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **extra)
 
-    return run
+def packed_kernel_name() -> str:
+    """Which kernel the packed path runs on CUDA in bf16/fp16 (CPU, fp32 and dropout always take the
+    per-segment SDPA path)."""
+    return _varlen_kernel()[0]
 
 
 def packed_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout=0.0):
@@ -66,7 +89,7 @@ def packed_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout=0.0):
     q: (T, H, d), k and v: (T, Hkv, d), cu_seqlens: (S+1,) int32 -> (T, H, d)
     """
     fast = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0
-    kernel = _varlen_kernel() if fast else None
+    kernel = _varlen_kernel()[1] if fast else None
     if kernel is not None:
         return kernel(q, k, v, cu_seqlens, max_seqlen, scale)
     # Reference path (CPU, fp32, attention dropout as BERT-family encoders train with): plain
@@ -102,4 +125,4 @@ def biencoder_attention(module, query, key, value, attention_mask, dropout=0.0, 
 AttentionInterface.register(ATTN_IMPLEMENTATION, biencoder_attention)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
-__all__ = ["ATTN_IMPLEMENTATION", "biencoder_attention", "packed_attention"]
+__all__ = ["ATTN_IMPLEMENTATION", "adapt_varlen", "biencoder_attention", "packed_attention", "packed_kernel_name"]

@@ -171,20 +171,56 @@ def check_loaded(path: str, encoder: nn.Module, info: dict) -> list[str]:
     return report.get("dropped", [])
 
 
+def is_export(path: str) -> bool:
+    """A local folder in the reference's export format (config.json model_type llama_bidirec)."""
+    config_file = Path(path) / "config.json"
+    return config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == BIDIRECTIONAL_LLAMA_TYPE
+
+
+def load_config(path: str):
+    """The encoder's config: for an export, the LlamaConfig it was built from (no remote code needed);
+    else AutoConfig's."""
+    if is_export(path):
+        return LlamaConfig(**base_llama_fields(json.loads((Path(path) / "config.json").read_text())))
+    return AutoConfig.from_pretrained(path)
+
+
+def check_rotary_buffers(encoder: nn.Module) -> list[str]:
+    """Make every rotary-embedding buffer (`inv_freq`, `original_inv_freq`) fp32 and equal to the
+    values computed from the config; return the names that were not (and were recomputed).
+
+    A blanket `module.bfloat16()` (DeepSpeed releases before 0.19.2 cast buffers with the weights)
+    rounds inv_freq to bf16: for Llama-3.1's frequencies up to ~0.9 rad of angle error by position
+    511, so training would see other positions than the pretrained model and the export.
+    """
+    fixed = []
+    for name, module in encoder.named_modules():
+        if not isinstance(getattr(module, "inv_freq", None), torch.Tensor) or not hasattr(module, "config"):
+            continue
+        fresh = type(module)(module.config)  # computes the buffers from the config, in fp32, on the CPU
+        for buf in ("inv_freq", "original_inv_freq"):
+            have, want = getattr(module, buf, None), getattr(fresh, buf, None)
+            if have is None or want is None:
+                continue
+            want = want.to(device=have.device, dtype=torch.float32)
+            if have.dtype != torch.float32 or not torch.equal(have, want):
+                module._buffers[buf] = want
+                fixed.append(f"{name}.{buf}")
+            assert module._buffers[buf].dtype == torch.float32 and torch.equal(module._buffers[buf], want)
+    return fixed
+
+
 def load_encoder(path: str, dtype=torch.float32, attn_implementation: str = ATTN_IMPLEMENTATION) -> nn.Module:
     """A Hugging Face base model (no head) from a hub name, a local folder or an export, with every
     weight checked to come from the checkpoint (`check_loaded`); `encoder.dropped_heads` lists the
     head tensors left out (e.g. a causal LM's lm_head.weight)."""
-    config_file = Path(path) / "config.json"
+    config = load_config(path)
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "output_loading_info": True}
-    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == BIDIRECTIONAL_LLAMA_TYPE:
-        # The reference's export format: a LlamaModel's weights under a custom model_type.
-        config = LlamaConfig(**base_llama_fields(json.loads(config_file.read_text())))
+    if config.model_type in ENCODER_TYPES and config.model_type != "distilbert":
+        kwargs["add_pooling_layer"] = False  # mean pooling; the [CLS] pooler would be dead weight
+    if isinstance(config, LlamaConfig) and is_export(path):
         encoder, info = LlamaModel.from_pretrained(path, config=config, **kwargs)
     else:
-        config = AutoConfig.from_pretrained(path)
-        if config.model_type in ENCODER_TYPES and config.model_type != "distilbert":
-            kwargs["add_pooling_layer"] = False  # mean pooling; the [CLS] pooler would be dead weight
         encoder, info = AutoModel.from_pretrained(path, **kwargs)
     encoder.dropped_heads = check_loaded(path, encoder, info)
     return encoder
