@@ -132,7 +132,8 @@ def run_cli(main: Callable, argv: list[str] | None = None) -> int:
     try:
         status = main(argv)
     except ValueError as e:
-        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr, flush=True)
+        script = getattr(sys.modules.get(main.__module__), "__file__", None) or sys.argv[0]
+        print(f"{Path(script).name}: error: {e}", file=sys.stderr, flush=True)
         return USER_ERROR_STATUS
     return status if isinstance(status, int) else 0
 

@@ -1,0 +1,217 @@
+"""The command-line grammar shared by every script, and the helpers of common.py behind it.
+
+A user error (a bad value, a missing file, a model or tokenizer that cannot be loaded) ends with
+"<script>: error: <message>" on stderr, exit status 2 and no traceback; the message names the flag.
+Most checks call the scripts' main() through common.run_cli in this process (what `__main__` does),
+which proves that no exception escapes; one subprocess proves the wiring of a `__main__`.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import common
+import evaluate
+import export_hf
+import prepare_data
+import train_biencoder as tb
+from common import USER_ERROR_STATUS, run_cli
+from tiny_models import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import bench_packed_vs_padded  # noqa: E402
+import bench_setup  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------
+# common.py: atomic writes
+
+
+def test_write_atomic_replaces_whole_files_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "state.json"
+    common.write_atomic(path, "old")
+    common.write_atomic(path, b"new")
+    assert path.read_bytes() == b"new"
+    with pytest.raises(RuntimeError), common.atomic_file(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash while writing")
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_atomic_dir_swaps_only_a_complete_folder(tmp_path):
+    out = tmp_path / "out"
+    with common.atomic_dir(out) as tmp:
+        assert tmp != out and not out.exists()
+        (tmp / "a").write_text("1")
+    assert (out / "a").read_text() == "1"
+    with pytest.raises(KeyboardInterrupt), common.atomic_dir(out) as tmp:
+        (tmp / "b").write_text("2")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in out.iterdir()) == ["a"]  # the old folder, untouched
+    stale = tmp_path / "out.tmp-999999999"  # left by a killed run (no such pid)
+    stale.mkdir()
+    with common.atomic_dir(out) as tmp:
+        (tmp / "c").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ----------------------------------------------------------------------------------------------
+# common.py: the user-error exit path and the load errors
+
+
+def test_run_cli_turns_a_value_error_into_one_line_and_status_2(capsys):
+    def main(argv):
+        raise ValueError(f"--x {argv[0]}: bad; use --x 1")
+
+    assert run_cli(main, ["7"]) == USER_ERROR_STATUS == 2
+    err = capsys.readouterr().err
+    assert err.endswith(": error: --x 7: bad; use --x 1\n") and "Traceback" not in err
+    assert run_cli(lambda argv: None) == 0
+    assert run_cli(lambda argv: {"result": 1}) == 0  # evaluate.main returns its result
+    assert run_cli(lambda argv: 1) == 1  # a script's own status (bench: paths disagree)
+    with pytest.raises(KeyError):  # anything else is a bug: its traceback stays
+        run_cli(lambda argv: {}["x"])
+
+
+class GatedRepoError(OSError):  # the names huggingface_hub gives its errors
+    pass
+
+
+class RepositoryNotFoundError(OSError):
+    pass
+
+
+def load_failure(cause: Exception) -> OSError:
+    try:
+        try:
+            raise cause
+        except Exception as e:
+            raise OSError("cannot load it") from e
+    except OSError as e:
+        return e
+
+
+@pytest.mark.parametrize(
+    "name,cause,offline,words",
+    [
+        ("meta-llama/Llama-3.1-8B", GatedRepoError("401"), "0", ("gated", "huggingface-cli login", "licence")),
+        ("nope/nope", RepositoryNotFoundError("404"), "0", ("check the spelling", "local folder")),
+        ("nope/nope", FileNotFoundError("not cached"), "1", ("HF_HUB_OFFLINE", "huggingface-cli download nope/nope")),
+        ("./no/such/folder", ValueError("Repo id must use"), "0", ("No folder ./no/such/folder", "check the path")),
+    ],
+)
+def test_load_errors_say_what_was_tried_and_what_to_do(monkeypatch, name, cause, offline, words):
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    message = common.load_error_message("--model", name, "model", load_failure(cause))
+    assert message.startswith(f"--model {name}: cannot load the model (cannot load it)")
+    for w in words:
+        assert w in message, message
+
+
+def test_load_error_of_an_existing_folder(tmp_path):
+    message = common.load_error_message("--model", str(tmp_path), "model", OSError("no config.json"))
+    assert f"The folder {tmp_path} exists" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# The scripts: a model or tokenizer that cannot be loaded (offline: run_tests.sh sets HF_HUB_OFFLINE=1)
+
+
+def user_error(capsys, main, args, *words) -> str:
+    assert run_cli(main, [str(a) for a in args]) == USER_ERROR_STATUS
+    err = capsys.readouterr().err
+    assert ": error: " in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as run_tests.sh: never a download, and a fast failure
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, llama_tokenizer_path):
+    """A two-query prepared folder (the real Llama-3 tokenizer)."""
+    root = tmp_path_factory.mktemp("cli")
+    rows = [{"query": f"question {i}", "pos": [f"answer {i}"], "neg": ["other", "more"]} for i in range(2)]
+    (root / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--jsonl", root / "mine.jsonl", "--tokenizer", llama_tokenizer_path, "--output-dir", root / "prepared"]
+    assert run_cli(prepare_data.main, [str(a) for a in args + ["--num-negatives", "2", "--num-proc", "1"]]) == 0
+    return root
+
+
+def test_prepare_data_names_the_tokenizer_that_cannot_be_loaded(prepared, tmp_path, capsys):
+    args = ["--jsonl", prepared / "mine.jsonl", "--tokenizer", "nope/nope", "--output-dir", tmp_path / "out"]
+    user_error(capsys, prepare_data.main, args, "--tokenizer nope/nope", "HF_HUB_OFFLINE", "local folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_names_the_model_that_cannot_be_loaded(prepared, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = ["--model", "nope/nope", "--data", prepared / "prepared", "--output-dir", tmp_path / "run"]
+    args += ["--num-negatives", "2"]
+    user_error(capsys, tb.main, args, "--model nope/nope", "HF_HUB_OFFLINE")
+    args[1] = tmp_path / "no_such_model"
+    user_error(capsys, tb.main, args, f"--model {tmp_path / 'no_such_model'}", "check the path")
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_names_the_model_that_cannot_be_loaded(capsys):
+    args = ["--model", "nope/nope", "--beir", REPO / "data" / "scifact-beir"]
+    user_error(capsys, evaluate.main, args, "--model nope/nope", "HF_HUB_OFFLINE")
+
+
+def test_evaluate_command_line_exits_2_without_traceback():
+    """The `__main__` wiring, in a subprocess: the message, the status, no traceback."""
+    cmd = [sys.executable, "evaluate.py", "--model", "nope/nope", "--beir", "data/scifact-beir"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == USER_ERROR_STATUS, res.stderr[-3000:]
+    assert "evaluate.py: error: --model nope/nope: cannot load the model" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_export_bad_arguments_are_user_errors(tmp_path, capsys):
+    user_error(capsys, export_hf.main, ["--run", tmp_path / "nowhere"], "export_hf.py: error: ", "nowhere")
+    user_error(capsys, export_hf.main, ["--verify-only", tmp_path, "--output-dir", tmp_path / "x"], "--output-dir")
+    user_error(capsys, export_hf.main, ["--max-shard-size", "lots"], "--max-shard-size")
+    with pytest.raises(SystemExit) as e:  # argparse's own errors: the same status
+        export_hf.parse_args(["--dtype", "float16"])
+    assert e.value.code == USER_ERROR_STATUS
+
+
+# ----------------------------------------------------------------------------------------------
+# One name per meaning: --output-dir (a folder), --output-json (a result file); old names hidden
+
+
+def test_old_flag_spellings_still_work_and_are_hidden(capsys):
+    assert export_hf.parse_args(["--out", "x"]).output_dir == "x"
+    assert export_hf.parse_args(["--output-dir", "y"]).output_dir == "y"
+    assert bench_packed_vs_padded.parse_args(["--output", "r.json"]).output_json == "r.json"
+    assert bench_packed_vs_padded.parse_args(["--output-json", "s.json"]).output_json == "s.json"
+    for parse in (export_hf.parse_args, bench_packed_vs_padded.parse_args, bench_setup.main):
+        with pytest.raises(SystemExit):
+            parse(["--help"])
+        text = capsys.readouterr().out
+        assert "--output-dir" in text or "--output-json" in text
+        assert "--out " not in text and "--out," not in text and "--output " not in text
+
+
+def test_every_training_flag_has_help_and_one_default():
+    fields = dataclasses.fields(tb.TrainConfig)
+    assert {f.name for f in fields} <= set(tb.HELP), "add a HELP entry for each new TrainConfig field"
+    for f in fields:
+        text = tb.flag_help(f)
+        assert text.count("(default: ") == 1 and len(text) > len("(default: x)") + 10, (f.name, text)
+
+
+def test_export_device_has_one_default():
+    cfg = export_hf.parse_args([])
+    assert cfg.device == export_hf.ExportConfig().device == "auto"
+    assert export_hf.resolve_device("auto") in ("cpu", "cuda") and export_hf.resolve_device("cpu") == "cpu"
