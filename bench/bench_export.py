@@ -26,6 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+from common import run_cli  # noqa: E402
 
 # Runs the command given after it and prints its wall time and peak RSS as JSON.
 MEASURE = """
@@ -40,7 +42,7 @@ print(json.dumps({**out, "err": rc.stderr[-2000:]}))
 """
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="/tmp/bench_export")
     p.add_argument("--hidden", type=int, default=1536)
@@ -49,7 +51,7 @@ def parse_args():
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def make_checkpoint(args, work: Path) -> Path:
@@ -85,8 +87,8 @@ def measure(cmd: list[str]) -> dict:
     return result
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     work = Path(args.workdir)
     run = make_checkpoint(args, work)
     ckpt = run / "checkpoints"
@@ -148,4 +150,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -78,6 +78,7 @@ from torch import nn  # noqa: E402
 from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: E402
 
 import train_biencoder as tb  # noqa: E402
+from common import run_cli  # noqa: E402
 from dataset import PreparedData  # noqa: E402
 from model import BiEncoder, contrastive_loss  # noqa: E402
 
@@ -938,8 +939,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # a user error: say what to fix, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))  # a ValueError (a user error): "bench_train.py: error: ...", exit status 2

@@ -168,6 +168,7 @@ def test_evaluate_names_the_model_that_cannot_be_loaded(capsys):
 
 SCRIPTS = ["prepare_data.py", "train_biencoder.py", "export_hf.py", "evaluate.py"]
 SCRIPTS += ["bench/bench_setup.py", "bench/bench_prepare.py", "bench/bench_packed_vs_padded.py"]
+SCRIPTS += ["bench/bench_train.py", "bench/bench_export.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
