@@ -47,7 +47,17 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from common import load_pretrained, run_cli, write_atomic
 from dataset import PreparedData
-from model import BiEncoder, contrastive_loss, pack
+from model import (
+    BiEncoder,
+    check_rotary_buffers,
+    check_vocab_covers_tokenizer,
+    contrastive_loss,
+    empty_encoder,
+    load_config,
+    pack,
+    packed_kernel_name,
+)
+from model.biencoder import encoder_key_report, stored_tensor_names
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -83,6 +93,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = True
     tensorboard: bool = False
+    dry_run: bool = False  # check everything, print the plan, exit: no GPU, no weights loaded
+    gpu_memory_gb: float | None = None  # --dry-run's GPU memory where none is visible
 
     def validate(self):
         def need(ok, msg):
@@ -104,6 +116,7 @@ class TrainConfig:
         need(self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}")
         need(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         need(self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        need(self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "--gpu-memory-gb must be > 0")
 
 
 # Help text of every TrainConfig field: its command-line flag is --field-name (parse_config).
@@ -132,6 +145,9 @@ HELP = {
     "keep_checkpoints": "newest checkpoints kept; older ones are deleted",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory, same math)",
     "tensorboard": "also log to OUTPUT_DIR/tensorboard (needs the tensorboard package)",
+    "dry_run": "check the data, model, tokenizer, ZeRO JSON and batch arithmetic, print the plan (steps, "
+    "tokens, micro-batches, memory per GPU) and exit; no GPU needed, no weights loaded",
+    "gpu_memory_gb": "with --dry-run: memory of one GPU in GiB, where this machine has no GPU",
 }
 
 
@@ -161,7 +177,7 @@ def parse_config(argv=None) -> TrainConfig:
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=flag_help(f)
             )
         else:
-            cast = int if f.type in (int, int | None) else float if f.type is float else str
+            cast = int if f.type in (int, int | None) else float if f.type in (float, float | None) else str
             parser.add_argument(flag, dest=f.name, type=cast, default=None, help=flag_help(f))
     args = parser.parse_args(argv)
     values = {}
@@ -176,15 +192,25 @@ def parse_config(argv=None) -> TrainConfig:
     return cfg
 
 
-def lr_at(n: int, cfg: TrainConfig, total_steps: int) -> float:
+def schedule_length(num_queries: int, global_batch_size: int, epochs: int) -> int:
+    """T, the recipe's `total_steps` = (epochs x micro-batches per rank) // accumulation: the number
+    of FULL optimizer steps, floor(epochs x N / G) (28,614 for the recipe's 3,662,695 queries).
+
+    The run itself takes epochs x ceil(N / G) steps. When G does not divide N, every epoch ends with
+    a partial step and the run's last step uses f(T) = 0; when it does, the last step uses f(T - 1) > 0.
+    """
+    return max(1, epochs * num_queries // global_batch_size)
+
+
+def lr_at(n: int, cfg: TrainConfig, T: int) -> float:
     """f(n) of the recipe (README, "The recipe"); optimizer step s (1-based) uses f(s - 1).
 
-    Linear warmup from 0 to lr over warmup_steps, then linear decay to 0 at n = total_steps - 1.
+    Linear warmup from 0 to lr over warmup_steps, then linear decay reaching 0 at n = T
+    (`schedule_length`): f(n) = lr * (1 - (n - warmup) / (T - warmup)).
     """
-    last = total_steps - 1
     if n <= cfg.warmup_steps:
-        return cfg.lr * n / max(cfg.warmup_steps, 1) if cfg.warmup_steps else cfg.lr
-    return cfg.lr * max(0.0, 1.0 - (n - cfg.warmup_steps) / max(last - cfg.warmup_steps, 1))
+        return cfg.lr * n / cfg.warmup_steps if cfg.warmup_steps else cfg.lr
+    return cfg.lr * max(0.0, 1.0 - (n - cfg.warmup_steps) / max(T - cfg.warmup_steps, 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +320,8 @@ def collate(data: PreparedData, queries: np.ndarray, num_negatives: int, device)
 # Checks before any GPU work
 
 
-def check_inputs(cfg: TrainConfig, world: int) -> PreparedData:
+def check_inputs(cfg: TrainConfig, world: int) -> tuple[PreparedData, object]:
+    """The data, the model's config and tokenizer, the batch arithmetic -> (data, model config)."""
     data_path = Path(cfg.data)
     if not (data_path / "meta.json").is_file():
         raise ValueError(
@@ -314,6 +341,8 @@ def check_inputs(cfg: TrainConfig, world: int) -> PreparedData:
         if not (model_path / "config.json").is_file() or not weights:
             raise ValueError(f"--model {cfg.model}: a model folder needs config.json and *.safetensors/*.bin weights")
     tok = load_pretrained(AutoTokenizer.from_pretrained, cfg.model, "--model", "tokenizer")
+    model_config = load_pretrained(load_config, cfg.model, "--model", "config")
+    check_vocab_covers_tokenizer(len(tok), model_config.vocab_size, cfg.model)
     if len(tok) != data.meta["vocab_size"]:
         raise ValueError(
             f"{cfg.data} was tokenized with {data.meta['tokenizer']} (vocab {data.meta['vocab_size']}) but the "
@@ -335,14 +364,51 @@ def check_inputs(cfg: TrainConfig, world: int) -> PreparedData:
             )
     if len(data) == 0:
         raise ValueError(f"{cfg.data} holds no queries")
-    return data
+    return data, model_config
 
 
 ENGINE_ONLY_KEYS = ("optimizer", "scheduler")
+BUCKET_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
 
 
-def build_ds_config(cfg: TrainConfig, world: int) -> dict:
-    """The JSON engine settings + the batch arithmetic and clipping, whose one source is this script."""
+def model_sizes(model_config) -> tuple[int, int]:
+    """(parameters of the encoder, parameters of its largest transformer layer), from the config alone."""
+    encoder = empty_encoder(model_config)
+    layers = max((m for m in encoder.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
+    layer = max(sum(p.numel() for p in block.parameters()) for block in layers)
+    return sum(p.numel() for p in encoder.parameters()), layer
+
+
+def bucket_sizes(model_config) -> dict:
+    """ZeRO-3 bucket sizes from the model's shapes, for the keys a JSON sets to "auto".
+
+    - stage3_prefetch_bucket_size = one transformer layer's parameters, so that the next layer is
+      gathered while this one computes (Llama-3.1-8B: 218,112,000; DeepSpeed's fixed 5e7 is below
+      one of its 58.7M-element MLP matrices, which would leave almost nothing prefetched);
+    - reduce_bucket_size = one layer too: a layer's gradients leave in one reduce-scatter;
+    - stage3_param_persistence_threshold = 10 x hidden size: norm weights and biases stay whole on
+      every GPU instead of being gathered one tiny tensor at a time (it must be >= hidden size).
+    """
+    _, layer = model_sizes(model_config)
+    return {
+        "reduce_bucket_size": layer,
+        "stage3_prefetch_bucket_size": layer,
+        "stage3_param_persistence_threshold": 10 * model_config.hidden_size,
+    }
+
+
+def several_micro_batches(cfg: TrainConfig, world: int) -> bool:
+    """Can a step run more than one micro-batch per GPU? Packed mode may split a long step."""
+    return cfg.micro_batch_size is None or cfg.global_batch_size // world > cfg.micro_batch_size
+
+
+def build_ds_config(cfg: TrainConfig, world: int, model_config=None) -> dict:
+    """The JSON engine settings + the batch arithmetic and clipping, whose one source is this script.
+
+    Bucket sizes given as "auto" are computed from the model's shapes (`bucket_sizes`). With bf16 and
+    several micro-batches per step, gradients accumulate in fp32 (data_types.grad_accum_dtype) unless
+    the JSON says otherwise: summing micro-batch gradients in bf16 would round them at every addition.
+    """
     if not Path(cfg.deepspeed).is_file():
         raise ValueError(f"--deepspeed {cfg.deepspeed}: no such file (see ds_configs/)")
     ds = json.loads(Path(cfg.deepspeed).read_text())
@@ -366,8 +432,14 @@ def build_ds_config(cfg: TrainConfig, world: int) -> dict:
         if ds.get(key) == "auto":
             raise ValueError(f"{cfg.deepspeed}: '{key}': \"auto\" is only resolved by the HF Trainer; remove it")
     ds.update(wanted)
-    if ds.get("zero_optimization", {}).get("stage") != 3:
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") != 3:
         raise ValueError(f"{cfg.deepspeed}: this script trains with ZeRO stage 3 (zero_optimization.stage = 3)")
+    if any(zero.get(key) == "auto" for key in BUCKET_KEYS):
+        sizes = bucket_sizes(model_config or load_config(cfg.model))
+        zero.update({key: sizes[key] for key in BUCKET_KEYS if zero.get(key) == "auto"})
+    if ds.get("bf16", {}).get("enabled") and several_micro_batches(cfg, world):
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     return ds
 
 
@@ -392,16 +464,18 @@ def save_checkpoint(engine, cfg: TrainConfig, step: int, num_steps: int, final_l
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tag_dir / f"rng_rank{rank():05d}.pt")
     if rank() == 0:
-        instructions = {s["query_instruction"] for s in data_meta["subsets"]}
         state = {
             "step": step,
             "num_steps": num_steps,
             "final_loss": final_loss,
             "world_size": world_size(),
             "config": dataclasses.asdict(cfg),
-            # sentence-transformers' query prompt in the export; per-line JSONL prompts have none
-            "query_instruction": (instructions.pop() or "") if len(instructions) == 1 else "",
-            "query_instructions": {s["name"]: s["query_instruction"] for s in data_meta["subsets"]},
+            # What the export gives sentence-transformers: each subset's exact query and passage prompt
+            # strings (query None: JSONL lines with prompts of their own) and the data's token limits.
+            "prompts": {
+                s["name"]: {"query": s["query_prompt"], "passage": s["passage_prompt"]} for s in data_meta["subsets"]
+            },
+            "max_len": {"query": data_meta["query_max_len"], "passage": data_meta["passage_max_len"]},
             "command": " ".join(sys.argv),
         }
         write_atomic(tag_dir / "train_state.json", json.dumps(state, indent=2))
@@ -519,41 +593,194 @@ def build_engine(cfg: TrainConfig, ds_config: dict):
         else:
             model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
-    # Decoupled weight decay on all parameters, norms and embeddings included, as the recipe does.
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay,
+    if model.encoder.dropped_heads:
+        log0(f"--model {cfg.model}: not part of the encoder, dropped: {model.encoder.dropped_heads}")
+    return model, build_optimizer(cfg, model, ds_config)
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, ds_config: dict):
+    """AdamW with decoupled weight decay on all parameters, norms and embeddings included, as the
+    recipe does. With the optimizer offloaded to the CPU, DeepSpeed's CPU Adam (vectorised C++, the
+    same AdamW math, tested against torch's) instead of torch's, which is far slower on the CPU."""
+    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    offload = ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none")
+    if offload in ("cpu", "nvme"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(model.parameters(), adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(model.parameters(), **kwargs)
+
+
+def check_rope(module: torch.nn.Module):
+    """RoPE must stay fp32 under bf16: DeepSpeed before 0.19.2 cast every buffer with the weights."""
+    if os.environ.get("BIENCODER_FAULT") == "rope_bf16":  # the crash tests' fault injection: an old DeepSpeed
+        for m in module.modules():
+            for name in ("inv_freq", "original_inv_freq"):
+                if isinstance(getattr(m, name, None), torch.Tensor):
+                    m._buffers[name] = m._buffers[name].to(torch.bfloat16)
+    checked, fixed = check_rotary_buffers(module)
+    if fixed:
+        log0(f"warning: rotary buffers were not fp32 or not the config's values; recomputed in fp32: {fixed}")
+    if checked:
+        log0(f"rotary buffers: {len(checked)} checked, fp32 and equal to the values computed from the config")
+
+
+def setup_cuda():
+    """Allocator settings and the attention kernel, said once, before any CUDA memory is used."""
+    # Every packed micro-batch has another length: expandable segments let the caching allocator grow
+    # a block instead of leaving fragments of every past shape. A user's own setting wins.
+    if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    kernel = packed_kernel_name()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"packed attention kernel: {kernel}", flush=True)
+        if "fallback" in kernel:
+            print(
+                "WARNING: the packed path runs per-segment SDPA, several times slower than a varlen kernel. "
+                "Install torch >= 2.11 (torch.nn.attention.varlen) or flash-attn.",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def activation_bytes_per_token(config) -> float:
+    """A rough model of bf16 activation bytes per token with gradient checkpointing: every layer's
+    checkpointed input (2 d), one layer's recompute and backward working set (norms, q/k/v/o, the MLP's
+    gate/up/product) and the fp32 pooling. An estimate, not a measurement."""
+    d, i = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    kv *= head_dim
+    return 2 * config.num_hidden_layers * d + 2 * (17 * d + 4 * kv + 6 * i) + 12 * d
+
+
+def step_plans(cfg: TrainConfig, data: PreparedData, W: int, lengths: np.ndarray, steps: int) -> list[dict]:
+    """Per optimizer step of the first epoch: tokens, micro-batches per GPU, largest micro-batch."""
+    order = epoch_order(len(data), cfg.seed, 0)
+    out = []
+    for k in tqdm(range(steps), desc="plan", unit="step", disable=steps < 2000):
+        queries = order[k * cfg.global_batch_size : (k + 1) * cfg.global_batch_size]
+        where = {q: i for i, q in enumerate(queries)}
+        step_lengths = lengths[queries]
+        plan = split_step(queries, step_lengths, W, cfg.micro_batch_size, cfg.max_tokens_per_gpu)
+        biggest = max(sum(int(step_lengths[where[q]]) for q in mb) for mbs in plan for mb in mbs)
+        out.append({"tokens": int(step_lengths.sum()), "micro_batches": len(plan[0]), "max_mb_tokens": biggest})
+    return out
+
+
+def print_plan(cfg: TrainConfig, data: PreparedData, model_config, ds_config: dict, W: int, lengths, T: int):
+    """--dry-run: what the run will do and whether it fits, without a GPU or the weights."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    stored = stored_tensor_names(cfg.model)
+    encoder = empty_encoder(model_config)
+    if stored is None:
+        keys = "not listed locally (a hub name not yet downloaded, or .bin weights): checked when the weights load"
+    else:
+        report = encoder_key_report(encoder, stored)
+        if report["missing"] or report["unexpected"]:
+            raise ValueError(
+                f"--model {cfg.model}: the checkpoint does not match the encoder: missing {report['missing'][:6]}, "
+                f"unexpected {report['unexpected'][:6]}"
+            )
+        keys = f"all {len(encoder.state_dict())} encoder tensors present" + (
+            f"; dropped (not part of the encoder): {report['dropped']}" if report["dropped"] else ""
+        )
+    total, layer = model_sizes(model_config)
+    steps_per_epoch = math.ceil(len(data) / cfg.global_batch_size)
+    plans = step_plans(cfg, data, W, lengths, steps_per_epoch)
+    tokens = np.array([p["tokens"] for p in plans])
+    mbs = np.array([p["micro_batches"] for p in plans])
+    max_mb = max(p["max_mb_tokens"] for p in plans)
+
+    zero = ds_config["zero_optimization"]
+    offload = zero.get("offload_optimizer", {}).get("device", "none") != "none"
+    offload_params = zero.get("offload_param", {}).get("device", "none") != "none"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", W))
+    _, states, _ = estimate_zero3_model_states_mem_needs(
+        total, model_config.vocab_size * model_config.hidden_size, per_node, max(1, W // per_node),
+        cpu_offload=offload, cpu_offload_params=offload_params, zero_init=True,
+    )  # fmt: skip
+    bf16 = ds_config.get("bf16", {}).get("enabled", False)
+    if ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32" and bf16 and not offload:
+        states += 2 * total / W  # the gradient partition in fp32 instead of bf16
+    gathered = 2 * layer * (2 if bf16 else 4)  # the current and the prefetched layer, whole
+    act = activation_bytes_per_token(model_config) * max_mb * (1 if bf16 else 2)
+    need = states + gathered + act
+    if torch.cuda.is_available():
+        gpu, gpu_from = torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
+    elif cfg.gpu_memory_gb:
+        gpu, gpu_from = cfg.gpu_memory_gb * 2**30, "--gpu-memory-gb"
+    else:
+        gpu, gpu_from = None, None
+    gib = lambda b: f"{b / 2**30:.1f} GiB"
+    micro = (
+        f"{cfg.micro_batch_size} queries per forward"
+        if cfg.micro_batch_size
+        else f"packed <= {cfg.max_tokens_per_gpu} tokens"
     )
-    return model, optimizer
+    lines = [
+        f"dry run: nothing trained; {W} GPU(s) (WORLD_SIZE; e.g. WORLD_SIZE=8 python train_biencoder.py --dry-run)",
+        f"data       {cfg.data}: {len(data)} queries, {cfg.num_negatives} negatives each, "
+        f"tokenizer {data.meta['tokenizer']}",
+        f"model      {cfg.model}: {model_config.model_type}, {total:,} parameters, largest layer {layer:,}; {keys}",
+        f"steps      {cfg.epochs} epoch(s) x {steps_per_epoch} = {cfg.epochs * steps_per_epoch} steps"
+        + (f", stopping at --max-steps {cfg.max_steps}" if cfg.max_steps else "")
+        + f"; LR schedule length T = {T} (warmup {cfg.warmup_steps}, lr {cfg.lr:g})",
+        f"per step   {cfg.global_batch_size} queries = {cfg.global_batch_size // W} per GPU; tokens mean "
+        f"{tokens.mean():,.0f}, max {tokens.max():,} (all GPUs, no padding)",
+        f"micro      {micro}: micro-batches per GPU per step mean {mbs.mean():.2f}, max {mbs.max()}; "
+        f"largest micro-batch {max_mb:,} tokens",
+        f"zero       prefetch bucket {zero.get('stage3_prefetch_bucket_size')}, reduce bucket "
+        f"{zero.get('reduce_bucket_size')}, persistence threshold {zero.get('stage3_param_persistence_threshold')}, "
+        f"grad accumulation {ds_config.get('data_types', {}).get('grad_accum_dtype', 'model dtype')}, "
+        f"optimizer offload {'on' if offload else 'off'}",
+        f"memory/GPU model states {gib(states)} (DeepSpeed's ZeRO-3 estimator) + 2 gathered layers {gib(gathered)} "
+        f"+ activations {gib(act)} (estimate for {max_mb:,} tokens) = {gib(need)}",
+    ]
+    if gpu is None:
+        lines.append("fits?      no GPU visible: pass --gpu-memory-gb (e.g. 80) to check")
+    else:
+        usable = 0.9 * gpu - 2**30  # CUDA context and allocator slack
+        verdict = (
+            "fits"
+            if need <= usable
+            else "DOES NOT FIT: lower --max-tokens-per-gpu or use ds_configs/zero3_offload.json"
+        )
+        lines.append(f"fits?      {verdict} ({gib(need)} of {gib(usable)} usable on {gib(gpu)}, {gpu_from})")
+    print("\n".join(lines), flush=True)
 
 
 def main(argv=None):
     cfg = parse_config(argv)
     W = int(os.environ.get("WORLD_SIZE", "1"))  # set by the deepspeed launcher on every rank
-    data = check_inputs(cfg, W)  # user errors surface here, before any GPU work
-    ds_config = build_ds_config(cfg, W)
+    data, model_config = check_inputs(cfg, W)  # user errors surface here, before any GPU work
+    ds_config = build_ds_config(cfg, W, model_config)
+    steps_per_epoch = math.ceil(len(data) / cfg.global_batch_size)
+    num_steps = cfg.epochs * steps_per_epoch  # steps of the whole run (the last of an epoch may be partial)
+    T = schedule_length(len(data), cfg.global_batch_size, cfg.epochs)  # the LR schedule's length
+    last_step = min(num_steps, cfg.max_steps or num_steps)  # where this run stops
+    lengths = example_lengths(data, cfg.num_negatives)
+    if cfg.dry_run:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print_plan(cfg, data, model_config, ds_config, W, lengths, T)
+        return
+    if torch.cuda.is_available():
+        setup_cuda()
     deepspeed.init_distributed()
     assert world_size() == W, (world_size(), W)
     torch.manual_seed(cfg.seed)
 
-    steps_per_epoch = math.ceil(len(data) / cfg.global_batch_size)
-    num_steps = cfg.epochs * steps_per_epoch  # the schedule's length
-    last_step = min(num_steps, cfg.max_steps or num_steps)  # where this run stops
-    lengths = example_lengths(data, cfg.num_negatives)
-
     model, optimizer = build_engine(cfg, ds_config)
     # LambdaLR's factor at its n-th step() is f(n)/lr; DeepSpeed calls step() after each optimizer
     # step, so optimizer step s runs with f(s - 1): 0, lr/2, lr, ... for the recipe.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda n: lr_at(n, cfg, num_steps) / cfg.lr if cfg.lr else 0.0
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: lr_at(n, cfg, T) / cfg.lr if cfg.lr else 0.0)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     device = engine.device
+    check_rope(engine.module)
 
     start_step = resume(engine, cfg)
     if rank() == 0:
@@ -565,7 +792,10 @@ def main(argv=None):
         else f"packed micro-batches of <= {cfg.max_tokens_per_gpu} tokens"
     )
     log0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    log0(f"queries/step = {cfg.global_batch_size} over {W} GPUs ({mode}); {len(data)} queries, {num_steps} steps")
+    log0(
+        f"queries/step = {cfg.global_batch_size} over {W} GPUs ({mode}); {len(data)} queries, {num_steps} steps, "
+        f"LR schedule length T = {T}"
+    )
     if start_step:
         log0(f"resumed from step {start_step}")
     metrics = Metrics(cfg, start_step)

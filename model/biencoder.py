@@ -185,15 +185,16 @@ def load_config(path: str):
     return AutoConfig.from_pretrained(path)
 
 
-def check_rotary_buffers(encoder: nn.Module) -> list[str]:
+def check_rotary_buffers(encoder: nn.Module) -> tuple[list[str], list[str]]:
     """Make every rotary-embedding buffer (`inv_freq`, `original_inv_freq`) fp32 and equal to the
-    values computed from the config; return the names that were not (and were recomputed).
+    values computed from the config; return (the names checked, the names that were not and were
+    recomputed).
 
     A blanket `module.bfloat16()` (DeepSpeed releases before 0.19.2 cast buffers with the weights)
     rounds inv_freq to bf16: for Llama-3.1's frequencies up to ~0.9 rad of angle error by position
     511, so training would see other positions than the pretrained model and the export.
     """
-    fixed = []
+    checked, fixed = [], []
     for name, module in encoder.named_modules():
         if not isinstance(getattr(module, "inv_freq", None), torch.Tensor) or not hasattr(module, "config"):
             continue
@@ -203,11 +204,25 @@ def check_rotary_buffers(encoder: nn.Module) -> list[str]:
             if have is None or want is None:
                 continue
             want = want.to(device=have.device, dtype=torch.float32)
+            checked.append(f"{name}.{buf}")
             if have.dtype != torch.float32 or not torch.equal(have, want):
                 module._buffers[buf] = want
                 fixed.append(f"{name}.{buf}")
             assert module._buffers[buf].dtype == torch.float32 and torch.equal(module._buffers[buf], want)
-    return fixed
+    return checked, fixed
+
+
+def encoder_kwargs(config) -> dict:
+    """Extra from_pretrained / from_config arguments of the encoder of a model family."""
+    if config.model_type in ENCODER_TYPES and config.model_type != "distilbert":
+        return {"add_pooling_layer": False}  # mean pooling; the [CLS] pooler would be dead weight
+    return {}
+
+
+def empty_encoder(config) -> nn.Module:
+    """The encoder built from its config on the meta device: shapes and parameter names, no memory."""
+    with torch.device("meta"):
+        return AutoModel.from_config(config, **encoder_kwargs(config))
 
 
 def load_encoder(path: str, dtype=torch.float32, attn_implementation: str = ATTN_IMPLEMENTATION) -> nn.Module:
@@ -216,8 +231,7 @@ def load_encoder(path: str, dtype=torch.float32, attn_implementation: str = ATTN
     head tensors left out (e.g. a causal LM's lm_head.weight)."""
     config = load_config(path)
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "output_loading_info": True}
-    if config.model_type in ENCODER_TYPES and config.model_type != "distilbert":
-        kwargs["add_pooling_layer"] = False  # mean pooling; the [CLS] pooler would be dead weight
+    kwargs.update(encoder_kwargs(config))
     if isinstance(config, LlamaConfig) and is_export(path):
         encoder, info = LlamaModel.from_pretrained(path, config=config, **kwargs)
     else:
