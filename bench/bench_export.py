@@ -62,7 +62,7 @@ def make_checkpoint(args, work: Path) -> Path:
         return run
     from transformers import AutoTokenizer
 
-    from tiny_models import llama_tokenizer_dir, tiny_llama_config
+    from tiny_models import free_port, llama_tokenizer_dir, tiny_llama_config
 
     shutil.rmtree(work, ignore_errors=True)
     sizes = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers)
@@ -71,7 +71,8 @@ def make_checkpoint(args, work: Path) -> Path:
     tiny_llama_config(**sizes).save_pretrained(work / "base")
     AutoTokenizer.from_pretrained(llama_tokenizer_dir()).save_pretrained(work / "base")
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    cmd = [deepspeed, "--num_gpus", "2", str(REPO / "tests" / "ds_tiny_checkpoint.py")]
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port())]
+    cmd += [str(REPO / "tests" / "ds_tiny_checkpoint.py")]
     cmd += ["--model", str(work / "base"), "--output-dir", str(run), "--steps", "0", "--random-init"]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, env=dict(os.environ, DS_ACCELERATOR="cpu"), stdout=subprocess.DEVNULL)

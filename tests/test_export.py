@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import export_hf
 from common import USER_ERROR_STATUS, run_cli
-from tiny_models import REPO, deepspeed_launcher, minilm_dir, save_tiny_llama, tiny_llama_config
+from tiny_models import REPO, deepspeed_launcher, free_port, minilm_dir, save_tiny_llama, tiny_llama_config
 
 QUERY_INSTRUCTION = "Instruct: Given a question, retrieve passages that answer the question\nQuery:"
 
@@ -132,7 +132,8 @@ def test_pickles_with_foreign_objects_are_refused(tmp_path):
 def deepspeed_run(base: Path, out: Path, *extra: str) -> dict:
     """tests/ds_tiny_checkpoint.py under `deepspeed --num_gpus 2` (ZeRO-3, CPU); returns its probe embeddings."""
     probe = out / "probe.pt"
-    cmd = ["deepspeed", "--num_gpus", "2", str(REPO / "tests" / "ds_tiny_checkpoint.py")]
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
+    cmd += [str(REPO / "tests" / "ds_tiny_checkpoint.py")]
     cmd += ["--model", str(base), "--output-dir", str(out), "--probe-out", str(probe), *extra]
     env = dict(os.environ, DS_ACCELERATOR="cpu", TQDM_DISABLE="1")
     cmd[0] = deepspeed_launcher()
@@ -535,7 +536,7 @@ def test_export_of_a_train_biencoder_run(tmp_path):
     subprocess.run(prep, check=True, capture_output=True, text=True, env=env)
     run = tmp_path / "run"
     train = [deepspeed_launcher(), "--num_gpus", "2"]
-    train += ["--master_port", str(27000 + os.getpid() % 1000), str(REPO / "train_biencoder.py")]
+    train += ["--master_port", str(free_port()), str(REPO / "train_biencoder.py")]
     train += ["--model", str(base), "--data", str(tmp_path / "prepared"), "--output-dir", str(run)]
     train += ["--deepspeed", str(REPO / "ds_configs" / "zero3_bf16.json"), "--global-batch-size", "8"]
     train += ["--max-steps", "2", "--save-every", "2", "--lr", "1e-3"]

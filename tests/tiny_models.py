@@ -2,6 +2,7 @@
 
 import importlib.util
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -12,6 +13,13 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import bench_setup  # noqa: E402
+
+
+def free_port() -> int:
+    """A free TCP port for a deepspeed launch: the default 29500 clashes with any other launch on the machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def deepspeed_launcher() -> str:
