@@ -464,20 +464,7 @@ def save_checkpoint(engine, cfg: TrainConfig, step: int, num_steps: int, final_l
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tag_dir / f"rng_rank{rank():05d}.pt")
     if rank() == 0:
-        state = {
-            "step": step,
-            "num_steps": num_steps,
-            "final_loss": final_loss,
-            "world_size": world_size(),
-            "config": dataclasses.asdict(cfg),
-            # What the export gives sentence-transformers: each subset's exact query and passage prompt
-            # strings (query None: JSONL lines with prompts of their own) and the data's token limits.
-            "prompts": {
-                s["name"]: {"query": s["query_prompt"], "passage": s["passage_prompt"]} for s in data_meta["subsets"]
-            },
-            "max_len": {"query": data_meta["query_max_len"], "passage": data_meta["passage_max_len"]},
-            "command": " ".join(sys.argv),
-        }
+        state = train_state(step, num_steps, final_loss, world_size(), dataclasses.asdict(cfg), data_meta)
         write_atomic(tag_dir / "train_state.json", json.dumps(state, indent=2))
     maybe_fault("save", step)
     dist.barrier()
@@ -485,6 +472,25 @@ def save_checkpoint(engine, cfg: TrainConfig, step: int, num_steps: int, final_l
         write_atomic(ckpt_dir / LATEST, tag)
         prune_checkpoints(ckpt_dir, tag, cfg.keep_checkpoints)
     dist.barrier()
+
+
+def train_state(step: int, num_steps: int, final_loss, world: int, config: dict, data_meta: dict) -> dict:
+    """train_state.json of a checkpoint: what a resume checks and what export_hf.py reads (the base model
+    config["model"], the prompts, the token limits). tests/ds_tiny_checkpoint.py writes its checkpoints' with it."""
+    return {
+        "step": step,
+        "num_steps": num_steps,
+        "final_loss": final_loss,
+        "world_size": world,
+        "config": config,
+        # What the export gives sentence-transformers: each subset's exact query and passage prompt
+        # strings (query None: JSONL lines with prompts of their own) and the data's token limits.
+        "prompts": {
+            s["name"]: {"query": s["query_prompt"], "passage": s["passage_prompt"]} for s in data_meta["subsets"]
+        },
+        "max_len": {"query": data_meta["query_max_len"], "passage": data_meta["passage_max_len"]},
+        "command": " ".join(sys.argv),
+    }
 
 
 def prune_checkpoints(ckpt_dir: Path, latest: str, keep: int):
