@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json subsets carry the exact query_prompt / passage_prompt strings
 ARRAYS = ("query_tokens", "query_offsets", "doc_tokens", "doc_offsets", "query_docs")
 PREPARE_COMMAND = "python prepare_data.py --download-path ./embed_nemotron_dataset_v1 --output-dir {path}"
 
