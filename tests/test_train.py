@@ -21,7 +21,7 @@ import torch
 import train_biencoder as tb
 from dataset import PreparedData
 from model import BiEncoder, contrastive_loss
-from tiny_models import REPO, copy_minilm, deepspeed_launcher, save_tiny_llama
+from tiny_models import REPO, copy_minilm, deepspeed_launcher, save_tiny_llama, tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -95,17 +95,18 @@ def final_weights(out_dir: Path) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(out_dir / "checkpoints"))
 
 
-def reference_run(setup, steps: int, lr: float = 1e-3, G: int = 8) -> tuple[list[float], list[float]]:
-    """Single process, plain PyTorch: padded forwards, AdamW, the recipe's order and LR."""
+def reference_run(setup, steps: int, lr: float = 1e-3, G: int = 8, warmup: int = 1) -> dict:
+    """Single process, plain PyTorch: padded forwards, AdamW, the recipe's order and LR.
+    Returns the per-step losses, LRs and gradient norms before clipping."""
     data = PreparedData(setup["data"])
     model = BiEncoder.from_pretrained(setup["model"], tokenizer=False).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    num_steps = -(-len(data) // G)
+    T = len(data) // G  # the recipe's total_steps: full steps of one epoch
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(125)).numpy()
-    losses, lrs = [], []
+    losses, lrs, norms = [], [], []
     for s in range(1, steps + 1):
-        n = s - 1  # recipe: step s uses f(s - 1); warmup 2, linear decay to 0 at n = num_steps - 1
-        step_lr = lr * n / 2 if n <= 2 else lr * (1 - (n - 2) / (num_steps - 1 - 2))
+        n = s - 1  # recipe: step s uses f(s - 1); linear warmup, then linear decay to 0 at n = T
+        step_lr = lr * n / warmup if n <= warmup else lr * (1 - (n - warmup) / (T - warmup))
         for group in opt.param_groups:
             group["lr"] = step_lr
         queries = order[(s - 1) * G : s * G]
@@ -121,31 +122,45 @@ def reference_run(setup, steps: int, lr: float = 1e-3, G: int = 8) -> tuple[list
         loss = contrastive_loss(emb[: len(queries)], emb[len(queries) :], 0.02)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item())  # the norm before clipping
         opt.step()
         losses.append(loss.item())
         lrs.append(step_lr)
-    return losses, lrs
+    return {"loss": losses, "lr": lrs, "grad_norm": norms}
 
 
-def test_losses_and_lr_match_single_process_reference(setup):
-    _, out = launch(setup, "ref2", extra=["--micro-batch-size", "2", "--max-steps", "3"])
+@pytest.fixture(scope="module")
+def reference(setup):
+    return reference_run(setup, 3)
+
+
+REF_ARGS = ["--max-steps", "3", "--warmup-steps", "1"]
+
+
+def test_losses_lr_and_grad_norm_match_single_process_reference(setup, reference):
+    # 2 ranks x 2 micro-batches of 2 queries: the gradient's absolute scale shows in the norm
+    # before clipping (Adam and clipping at 1.0 would hide a constant factor in the losses).
+    _, out = launch(setup, "ref2", extra=["--micro-batch-size", "2", *REF_ARGS])
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    ref_losses, ref_lrs = reference_run(setup, 3)
-    assert [r["lr"] for r in rows] == pytest.approx([0.0, 5e-4, 1e-3], rel=1e-12)
-    assert [r["lr"] for r in rows] == pytest.approx(ref_lrs, rel=1e-12)
-    assert [r["loss"] for r in rows] == pytest.approx(ref_losses, rel=1e-5)
-    assert all(r["num_queries"] == 8 and r["tokens"] > 0 and r["grad_norm"] > 0 for r in rows)
-    assert ref_losses[2] != ref_losses[1]  # the weights moved, so step 3 checks the update too
+    # 24 queries, G = 8: T = 3 full steps, so the last step runs at f(2) = lr * (1 - 1/2) > 0
+    assert [r["lr"] for r in rows] == pytest.approx([0.0, 1e-3, 5e-4], rel=1e-12)
+    assert [r["lr"] for r in rows] == pytest.approx(reference["lr"], rel=1e-12)
+    assert [r["loss"] for r in rows] == pytest.approx(reference["loss"], rel=1e-5)
+    assert [r["grad_norm"] for r in rows] == pytest.approx(reference["grad_norm"], rel=1e-4)
+    assert all(r["num_queries"] == 8 and r["tokens"] > 0 for r in rows)
+    assert min(reference["grad_norm"]) > 1.0  # clipping was active: the pre-clip norm is what is compared
+    assert reference["loss"][2] != reference["loss"][1]  # the weights moved, so step 3 checks the update too
 
 
-def test_split_does_not_change_the_math(setup):
-    base = metrics(setup["root"] / "ref2")  # 2 ranks x micro-batch 2 x 2 accumulation
-    _, one_rank = launch(setup, "one_rank", ranks=1, extra=["--micro-batch-size", "4", "--max-steps", "3"])
-    _, packed = launch(setup, "packed", extra=["--max-tokens-per-gpu", "600", "--max-steps", "3"])
+def test_split_does_not_change_the_math(setup, reference):
+    # 1 rank x micro-batch 4 x 2 accumulation; 2 ranks with token-budget packing (each query's
+    # example is > 300 tokens, so 600 tokens hold 1-2 queries: several micro-batches per rank).
+    _, one_rank = launch(setup, "one_rank", ranks=1, extra=["--micro-batch-size", "4", *REF_ARGS])
+    _, packed = launch(setup, "packed", extra=["--max-tokens-per-gpu", "600", *REF_ARGS])
     for other in (metrics(one_rank), metrics(packed)):
-        assert [r["loss"] for r in other] == pytest.approx([r["loss"] for r in base], rel=1e-5)
+        assert [r["loss"] for r in other] == pytest.approx(reference["loss"], rel=1e-5)
+        assert [r["grad_norm"] for r in other] == pytest.approx(reference["grad_norm"], rel=1e-4)
 
 
 def test_kill_and_resume_give_bitwise_equal_weights(setup):
@@ -195,6 +210,132 @@ def test_resume_with_other_settings_is_refused(setup):
     res, _ = launch(setup, "clean", extra=extra, check=False)
     assert res.returncode != 0
     assert "temperature" in res.stderr + res.stdout and "other settings" in res.stderr + res.stdout
+
+
+LLAMA31_ROPE = {  # Llama-3.1-8B's config.json
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+    "rope_type": "llama3",
+}
+
+
+def save_causal_lm(path: Path) -> Path:
+    """A tiny stand-in for meta-llama/Llama-3.1-8B as published: a LlamaForCausalLM (model.-prefixed
+    keys and an lm_head) in bf16, sharded safetensors with an index, Llama-3.1-style rope_scaling."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from tiny_models import llama_tokenizer_dir, tiny_llama_config
+
+    tok = AutoTokenizer.from_pretrained(llama_tokenizer_dir())
+    config = tiny_llama_config(max_position_embeddings=131072, rope_scaling=dict(LLAMA31_ROPE))
+    torch.manual_seed(3)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path, max_shard_size="20MB")
+    tok.save_pretrained(path)
+    # config.json as the hub has it (transformers 4.43 format: rope_theta and rope_scaling at the top)
+    fields = json.loads((path / "config.json").read_text())
+    rope = fields.pop("rope_parameters", None) or {}
+    fields["rope_theta"] = rope.pop("rope_theta", 500000.0)
+    fields["rope_scaling"] = dict(LLAMA31_ROPE)
+    fields["torch_dtype"] = fields.pop("dtype", "bfloat16")
+    (path / "config.json").write_text(json.dumps(fields, indent=2))
+    assert len(list(path.glob("model-*.safetensors"))) > 1 and (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+def test_published_causal_lm_checkpoint_loads_exactly_with_fp32_rope(setup, tmp_path):
+    """bf16 ZeRO-3 on 2 ranks from a LlamaForCausalLM checkpoint: every encoder weight inside the engine
+    equals the checkpoint's bit for bit (step 1 runs at LR 0, so the saved fp32 master weights are the
+    loaded ones), lm_head is dropped and said, and rotary buffers broken to bf16 (as DeepSpeed before
+    0.19.2 left them) are recomputed: the losses equal those of a run where they never broke."""
+    from safetensors.torch import load_file
+
+    base = save_causal_lm(tmp_path / "llama31")
+    bf16 = {**setup, "model": base, "ds": REPO / "ds_configs" / "zero3_bf16.json"}
+    args = ["--max-steps", "2", "--save-every", "1"]
+    res, broken = launch(bf16, "rope_broken", extra=args, env={"BIENCODER_FAULT": "rope_bf16"})
+    log = res.stdout + res.stderr
+    assert "dropped: ['lm_head.weight']" in log
+    assert "recomputed in fp32: ['encoder.rotary_emb.inv_freq', 'encoder.rotary_emb.original_inv_freq']" in log
+    res, clean = launch(bf16, "rope_clean", extra=args)
+    assert "rotary buffers: 2 checked, fp32 and equal to the values computed from the config" in res.stdout
+    assert "recomputed" not in res.stdout + res.stderr
+    assert [r["loss"] for r in metrics(broken)] == [r["loss"] for r in metrics(clean)]
+    assert metrics(clean)[0]["lr"] == 0.0
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    loaded = get_fp32_state_dict_from_zero_checkpoint(str(clean / "checkpoints"), tag="step_00000001")
+    stored = {}
+    for f in base.glob("model-*.safetensors"):
+        stored.update(load_file(f))
+    assert stored.keys() == {"model." + k.removeprefix("encoder.") for k in loaded} | {"lm_head.weight"}
+    for name, value in loaded.items():
+        want = stored["model." + name.removeprefix("encoder.")]
+        assert want.dtype == torch.bfloat16 and torch.equal(value, want.float()), name
+
+
+def test_a_checkpoint_missing_an_encoder_weight_is_refused(setup, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = save_causal_lm(tmp_path / "llama31")
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    victim = "model.layers.1.mlp.up_proj.weight"
+    shard = base / index["weight_map"][victim]
+    tensors = load_file(shard)
+    tensors["model.layers.1.mlp.upproj.weight"] = tensors.pop(victim)  # a renamed key: missing + unexpected
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index["weight_map"]["model.layers.1.mlp.upproj.weight"] = index["weight_map"].pop(victim)
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    res = run_script(["--model", base, "--data", setup["data"], "--dry-run"], world_size=2)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "layers.1.mlp.up_proj.weight" in res.stderr and "layers.1.mlp.upproj.weight" in res.stderr
+    # the load itself (what the training ranks run): transformers only logs a missing key
+    with pytest.raises(ValueError, match=r"1 encoder weights missing from the checkpoint .*up_proj"):
+        BiEncoder.from_pretrained(base, tokenizer=False)
+
+
+def test_dry_run_prints_the_plan_without_loading_weights(setup, tmp_path):
+    base = save_causal_lm(tmp_path / "llama31")
+    args = ["--model", base, "--data", setup["data"], "--deepspeed", REPO / "ds_configs" / "zero3_bf16.json"]
+    args += ["--global-batch-size", "8", "--max-tokens-per-gpu", "600", "--output-dir", tmp_path / "out"]
+    res = run_script([*args, "--dry-run", "--gpu-memory-gb", "80"], world_size=2)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    assert "24 queries" in out and "3 steps; LR schedule length T = 3" in out
+    assert "dropped (not part of the encoder): ['lm_head.weight']" in out
+    assert "all 20 encoder tensors present" in out  # embeddings, 2 layers x 9, final norm
+    assert "micro-batches per GPU per step mean" in out and "fits (" in out
+    assert "grad accumulation fp32" in out  # bf16 with several micro-batches per step
+    layer = sum(v.numel() for k, v in tiny_llama(0).state_dict().items() if k.startswith("layers.0."))
+    assert f"prefetch bucket {layer}, reduce bucket {layer}" in out  # "auto": one layer's parameters
+    assert not (tmp_path / "out").exists()  # nothing written
+    res = run_script([*args, "--dry-run", "--gpu-memory-gb", "0.0001"], world_size=2)
+    assert res.returncode == 0 and "DOES NOT FIT" in res.stdout
+
+
+def test_cpu_adam_of_the_offload_config_is_torch_adamw():
+    """ds_configs/zero3_offload.json trains with DeepSpeed's CPU Adam: the same AdamW math as torch's."""
+    ds = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+    cfg = tb.TrainConfig(lr=1e-2, weight_decay=0.1)
+    torch.manual_seed(0)
+    ours = torch.nn.Linear(300, 200)
+    theirs = torch.nn.Linear(300, 200)
+    theirs.load_state_dict(ours.state_dict())
+    start = ours.weight.detach().clone()
+    opt = tb.build_optimizer(cfg, ours, ds)
+    assert type(opt).__name__ == "DeepSpeedCPUAdam"
+    ref = torch.optim.AdamW(theirs.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    for step in range(10):
+        x = torch.randn(16, 300)
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            model(x).square().mean().backward()
+            o.step()
+        for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+    assert (ours.weight - start).abs().max() > 1e-2  # the weights moved: the comparison is not of two copies
 
 
 def run_script(args, world_size=1):
@@ -261,9 +402,31 @@ def test_scale_gives_the_mean_over_the_step():
 
 def test_lr_schedule_matches_recipe():
     cfg = tb.TrainConfig()
-    T = 28615  # steps of the recipe's epoch
-    lrs = [tb.lr_at(s - 1, cfg, T) for s in (1, 2, 3, 4, T)]
-    assert lrs == pytest.approx([0.0, 1e-6, 2e-6, 2e-6 * (1 - 1 / (T - 1 - 2)), 0.0])
+    # The recipe: 3,662,695 queries on 8 GPUs x 16 accumulation x 1 query; total_steps =
+    # (epochs x micro-batches per rank) // accumulation = 457,837 // 16 = 28,614; 28,615 steps run.
+    N, G, W = 3_662_695, 128, 8
+    T = tb.schedule_length(N, G, epochs=1)
+    assert T == (1 * -(-N // W)) // (G // W) == 28_614
+    last = -(-N // G)
+    assert last == 28_615
+    lrs = [tb.lr_at(s - 1, cfg, T) for s in (1, 2, 3, 4, last - 1, last)]
+    assert lrs == pytest.approx([0.0, 1e-6, 2e-6, 2e-6 * (1 - 1 / (T - 2)), 2e-6 * (1 - (T - 3) / (T - 2)), 0.0])
+
+
+@pytest.mark.parametrize(
+    "N, expected",
+    [
+        (40, [0.0, 1.0, 0.75, 0.5, 0.25]),  # G divides N: T = 5, the last step runs at f(4) > 0
+        (36, [0.0, 1.0, 2 / 3, 1 / 3, 0.0]),  # 4 full steps and a partial one: T = 4, the last at f(4) = 0
+    ],
+)
+def test_lr_schedule_length_with_and_without_a_partial_step(N, expected):
+    cfg = tb.TrainConfig(lr=1.0, warmup_steps=1, global_batch_size=8)
+    T = tb.schedule_length(N, 8, epochs=1)
+    steps = -(-N // 8)
+    assert [tb.lr_at(s - 1, cfg, T) for s in range(1, steps + 1)] == pytest.approx(expected)
+    # two epochs: T = floor(2N / G); the partial step of epoch 0 is one of the run's steps
+    assert tb.schedule_length(N, 8, epochs=2) == 2 * N // 8
 
 
 def test_minilm_loss_goes_down_on_scifact(tmp_path):
@@ -291,3 +454,19 @@ def test_nan_loss_stops_before_the_step_is_applied(setup):
     assert "step 1: loss is nan; the step was not applied" in res.stdout + res.stderr
     assert not (out / "checkpoints" / "latest").exists()
     assert not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text() == ""
+
+
+def test_tensorboard_event_files_hold_every_metric(setup):
+    """--tensorboard: train/<name> holds every numeric field of metrics.jsonl at every step, same values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out = launch(setup, "tensorboard", extra=["--max-steps", "2", "--tensorboard"])
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    names = [k for k, v in rows[0].items() if k != "step" and isinstance(v, (int, float))]
+    assert {f"train/{k}" for k in names} <= set(events.Tags()["scalars"])
+    for k in names:
+        logged = {e.step: e.value for e in events.Scalars(f"train/{k}")}
+        assert logged == pytest.approx({r["step"]: float(r[k]) for r in rows}, rel=1e-6), k
