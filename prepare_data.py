@@ -469,14 +469,6 @@ def first_true(mask) -> int:
     )
 
 
-def check_unique(ids: pa.Array, path: Path, what: str) -> None:
-    if pc.count_distinct(ids).as_py() != len(ids):
-        counts = pc.value_counts(ids)
-        dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
-        rows = np.flatnonzero(pc.equal(ids, dup).to_numpy(zero_copy_only=False))[:2].tolist()
-        raise DataError(f"{path}: duplicate {what} {dup!r} (rows {rows})")
-
-
 def string_ids(values: pa.Array, path: Path, what: str) -> pa.Array:
     """Ids as strings ("Ids may be strings or ints: compare them as strings": the published data layout)."""
     if not (
@@ -555,11 +547,13 @@ class Plan:
     passage_instruction: str
     query_docs: np.ndarray  # (n, 1 + num_negatives) global document indices
     skipped: int
-    # HF layout: rows to take from the parquet files in pass 2 (text is not kept in memory)
+    # HF layout: rows to take from the parquet files in pass 2 (text is not kept in memory); the new
+    # documents come from one or more corpora (rows naming another subset's corpus_id), part by part
     queries_file: Path | None = None
-    corpus_file: Path | None = None
     query_rows: np.ndarray | None = None
-    doc_rows: np.ndarray | None = None
+    doc_parts: list[tuple[Path, np.ndarray]] | None = None  # (corpus.parquet, rows) in document order
+    # what the reference accepts and this preparation does the same way, counted (see plan_hf_subset)
+    quirks: dict | None = None
     # JSONL: the texts themselves (query text with its prompt already applied)
     query_texts: list[str] | None = None
     doc_texts: pa.Array | None = None
@@ -579,7 +573,9 @@ class Plan:
 
     @property
     def num_new_docs(self) -> int:
-        return len(self.doc_rows) if self.doc_rows is not None else len(self.doc_texts)
+        if self.doc_parts is not None:
+            return sum(len(rows) for _, rows in self.doc_parts)
+        return len(self.doc_texts)
 
 
 def example_columns(rows: np.ndarray, pos_offsets: np.ndarray, neg_offsets: np.ndarray, k: int) -> np.ndarray:
@@ -602,8 +598,10 @@ def invalid_rows(n_pos: np.ndarray, n_neg: np.ndarray, k: int, skip_invalid: boo
     return invalid
 
 
-def corpus_rows(corpus_file: Path, ids: pa.Array) -> pa.Array:
-    """Row of each id in corpus.parquet (null where absent), after checking the corpus's columns."""
+def corpus_rows(corpus_file: Path, ids: pa.Array) -> tuple[pa.Array, dict]:
+    """Row of each id in corpus.parquet (null where absent), after checking the corpus's columns, and
+    the corpus's duplicate ids ({"count", "example"}). As in the reference, which builds a dict of the
+    corpus, the LAST row of a duplicate id is the document."""
     schema = parquet_schema(corpus_file)
     if "text" not in schema.names:
         raise DataError(f"{corpus_file}: missing column(s) ['text']; it has {schema.names}")
@@ -613,16 +611,43 @@ def corpus_rows(corpus_file: Path, ids: pa.Array) -> pa.Array:
     corpus_ids = string_ids(read_parquet(corpus_file, ["id"])["id"].combine_chunks(), corpus_file, "id")
     if corpus_ids.null_count:
         raise DataError(f"{corpus_file}: row {first_true(corpus_ids.is_null())} has a null id")
-    check_unique(corpus_ids, corpus_file, "id")
-    return pc.index_in(ids, value_set=corpus_ids)
+    dup = duplicates(corpus_ids)
+    last_first = corpus_ids[::-1]  # index_in finds the first occurrence: search the reversed ids
+    found = pc.index_in(ids, value_set=last_first).to_numpy(zero_copy_only=False)
+    rows = pa.array(len(corpus_ids) - 1 - found, pa.int64(), from_pandas=True)  # NaN (absent) -> null
+    return rows, dup
 
 
-def plan_hf_subset(subset_dir: Path, cfg: Config, docs: DocIndex) -> Plan:
-    k = cfg.num_negatives
+def duplicates(ids: pa.Array) -> dict:
+    """{"count": ids that occur more than once, "example": the first such id or None}."""
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return {"count": 0, "example": None}
+    counts = pc.value_counts(ids)
+    dup = counts.filter(pc.greater(counts.field("counts"), 1))
+    return {"count": len(dup), "example": dup[0]["values"].as_py()}
+
+
+def subset_metadata(subset_dir: Path) -> dict:
     meta_path = subset_dir / "dataset_metadata.json"
     meta = read_json(meta_path)
     if not isinstance(meta.get("corpus_id"), str) or not meta["corpus_id"]:
         raise DataError(f"{meta_path}: needs a non-empty string 'corpus_id'")
+    return meta
+
+
+def plan_hf_subset(subset_dir: Path, cfg: Config, docs: DocIndex, corpora: dict[str, Path] | None = None) -> Plan:
+    """One subset of the HF layout. `corpora`: corpus_id -> subset folder, for every subset of the run.
+
+    Where the published data may differ from a clean layout, this does what the reference does (and
+    counts it in meta.json, with a warning): duplicate question ids are kept (queries are a plain
+    list); of duplicate corpus ids the last row wins; a row whose corpus_id is not the subset's takes
+    its documents from the corpus of that id (another subset of the run). A row naming a corpus that is
+    not in the run cannot be trained on, there as here, and stops the preparation.
+    """
+    k = cfg.num_negatives
+    meta_path = subset_dir / "dataset_metadata.json"
+    meta = subset_metadata(subset_dir)
+    corpora = corpora or {meta["corpus_id"]: subset_dir}
     if meta.get("class", "TextQADataset") != "TextQADataset":
         raise DataError(f"{meta_path}: class {meta['class']!r} is not supported (only TextQADataset)")
     instructions = {}
@@ -648,21 +673,22 @@ def plan_hf_subset(subset_dir: Path, cfg: Config, docs: DocIndex) -> Plan:
     def describe(row: int) -> str:
         return f"{queries_file}: query {qids[row].as_py()!r} (row {row})"
 
-    check_unique(qids, queries_file, "question_id")
+    quirks = {"duplicate_question_ids": duplicates(qids)}
     question = table["question"]
     if not (pa.types.is_string(question.type) or pa.types.is_large_string(question.type)):
         raise DataError(f"{queries_file}: column 'question' must hold strings, got {question.type}")
     if question.null_count:
         raise DataError(f"{describe(first_true(question.is_null()))}: question is null")
+    # The reference looks each query's documents up in the corpus its row names.
     if "corpus_id" in table.column_names:
-        # The reference looks each query's documents up in the corpus its row names.
-        other = pc.not_equal(pc.cast(table["corpus_id"], pa.string()), meta["corpus_id"]).fill_null(True)
-        if pc.any(other).as_py():
-            row = first_true(other)
-            raise DataError(
-                f"{describe(row)}: corpus_id {table['corpus_id'][row].as_py()!r} is not "
-                f"{meta['corpus_id']!r} of {meta_path}"
-            )
+        row_corpus = pc.cast(table["corpus_id"], pa.string()).combine_chunks().fill_null(meta["corpus_id"])
+    else:
+        row_corpus = pa.array([meta["corpus_id"]] * len(table), pa.string())
+    other = pc.not_equal(row_corpus, meta["corpus_id"])
+    quirks["rows_of_another_corpus"] = {
+        "count": int(pc.sum(other).as_py() or 0),
+        "example": row_corpus[first_true(other)].as_py() if pc.any(other).as_py() else None,
+    }
 
     pos_off, pos_ids = doc_id_lists(table["pos_doc"], queries_file, "pos_doc", qids)
     neg_off, neg_ids = doc_id_lists(table["neg_doc"], queries_file, "neg_doc", qids)
@@ -671,27 +697,52 @@ def plan_hf_subset(subset_dir: Path, cfg: Config, docs: DocIndex) -> Plan:
     rows = np.flatnonzero(~invalid)
     m = example_columns(rows, pos_off, neg_off, k)
     refs = pa.concat_arrays([pos_ids, neg_ids]).take(pa.array(m.reshape(-1)))
-    group = (meta["corpus_id"], instructions["passage_instruction"])
-    index, new_ids, first_ref = docs.assign(group, refs)
-
-    doc_rows = corpus_rows(corpus_file, new_ids)
-    if doc_rows.null_count:
-        at = first_true(doc_rows.is_null())
-        q, col = divmod(int(first_ref[at]), 1 + k)
-        role = "positive" if col == 0 else f"negative {col}"
-        raise DataError(f"{describe(int(rows[q]))}: {role} document id {new_ids[at].as_py()!r} is not in {corpus_file}")
+    row_corpus = row_corpus.take(pa.array(rows)).to_numpy(zero_copy_only=False)
+    query_docs = np.empty((len(rows), 1 + k), np.int64)
+    doc_parts, dup_docs = [], {"count": 0, "example": None}
+    for corpus_id in dict.fromkeys(row_corpus):  # this subset's corpus first when its rows come first
+        if corpus_id not in corpora:
+            q = int(np.flatnonzero(row_corpus == corpus_id)[0])
+            raise DataError(
+                f"{describe(int(rows[q]))}: corpus_id {corpus_id!r} is neither {meta['corpus_id']!r} of {meta_path} "
+                f"nor the corpus_id of another subset of this run ({sorted(corpora)})"
+            )
+        sel = np.flatnonzero(row_corpus == corpus_id)
+        part_dir = corpora[corpus_id]
+        part_meta = meta if part_dir == subset_dir else subset_metadata(part_dir)
+        if (part_meta.get("passage_instruction") or "") != instructions["passage_instruction"]:
+            raise DataError(
+                f"{describe(int(rows[sel[0]]))}: its documents come from corpus {corpus_id!r} ({part_dir}), whose "
+                f"passage_instruction differs from {meta_path}'s; such rows are not supported"
+            )
+        part_refs = refs.take(pa.array((sel[:, None] * (1 + k) + np.arange(1 + k)).reshape(-1)))
+        index, new_ids, first_ref = docs.assign((corpus_id, instructions["passage_instruction"]), part_refs)
+        query_docs[sel] = index.reshape(len(sel), 1 + k)
+        part_file = subset_files(part_dir)[1]
+        doc_rows, dup = corpus_rows(part_file, new_ids)
+        if part_dir == subset_dir:  # counted for the subset that owns the corpus
+            dup_docs = dup
+        if doc_rows.null_count:
+            at = first_true(doc_rows.is_null())
+            q, col = divmod(int(first_ref[at]), 1 + k)
+            role = "positive" if col == 0 else f"negative {col}"
+            raise DataError(
+                f"{describe(int(rows[sel[q]]))}: {role} document id {new_ids[at].as_py()!r} is not in {part_file}"
+            )
+        doc_parts.append((part_file, doc_rows.to_numpy(zero_copy_only=False).astype(np.int64)))
+    quirks["duplicate_corpus_ids"] = dup_docs
     return Plan(
         name=subset_dir.name,
         source=str(subset_dir),
         corpus_id=meta["corpus_id"],
         query_instruction=instructions["query_instruction"],
         passage_instruction=instructions["passage_instruction"],
-        query_docs=index.reshape(len(rows), 1 + k),
+        query_docs=query_docs,
         skipped=int(invalid.sum()),
         queries_file=queries_file,
-        corpus_file=corpus_file,
         query_rows=rows,
-        doc_rows=doc_rows.to_numpy(zero_copy_only=False).astype(np.int64),
+        doc_parts=doc_parts,
+        quirks=quirks,
     )
 
 
@@ -762,11 +813,19 @@ def plan_all(cfg: Config) -> list[Plan]:
     plans = []
     if cfg.download_path is not None:
         root = Path(cfg.download_path)
-        plans += [plan_hf_subset(root / name, cfg, docs) for name in cfg.subsets]
+        corpora = {subset_metadata(root / name)["corpus_id"]: root / name for name in cfg.subsets}
+        plans += [plan_hf_subset(root / name, cfg, docs, corpora) for name in cfg.subsets]
     plans += [plan_jsonl(Path(p), cfg, docs) for p in cfg.jsonl]
     for p in plans:
         if p.skipped:
             print(f"{p.name}: skipped {p.skipped} queries with an empty pos_doc or neg_doc (--skip-invalid)")
+        for what, seen in (p.quirks or {}).items():
+            if seen["count"]:
+                print(
+                    f"warning: {p.name}: {seen['count']} {what.replace('_', ' ')} (e.g. {seen['example']!r}); "
+                    "treated as the reference does (README: prepare_data.py)",
+                    file=sys.stderr,
+                )
     if sum(p.num_queries for p in plans) == 0:
         raise DataError(f"no queries to prepare in {[p.source for p in plans]}")
     return plans
@@ -831,13 +890,16 @@ def subset_texts(plan: Plan) -> tuple[pa.ChunkedArray | list, pa.ChunkedArray | 
         return plan.query_texts, plan.doc_texts
     question = pq.read_table(plan.queries_file, columns=["question"])["question"]
     question = pc.cast(question, pa.large_string()).take(pa.array(plan.query_rows))
-    text = pq.read_table(plan.corpus_file, columns=["text"])["text"]
-    text = pc.cast(text, pa.large_string()).take(pa.array(plan.doc_rows))
-    if text.null_count:
-        at = first_true(text.is_null())
-        doc_id = pq.read_table(plan.corpus_file, columns=["id"])["id"][int(plan.doc_rows[at])].as_py()
-        raise DataError(f"{plan.corpus_file}: document {doc_id!r} (row {int(plan.doc_rows[at])}) has a null text")
-    return question, text
+    parts = []
+    for corpus_file, rows in plan.doc_parts:
+        text = pq.read_table(corpus_file, columns=["text"])["text"]
+        text = pc.cast(text, pa.large_string()).take(pa.array(rows))
+        if text.null_count:
+            at = first_true(text.is_null())
+            doc_id = pq.read_table(corpus_file, columns=["id"])["id"][int(rows[at])].as_py()
+            raise DataError(f"{corpus_file}: document {doc_id!r} (row {int(rows[at])}) has a null text")
+        parts += text.chunks
+    return question, pa.chunked_array(parts, pa.large_string())
 
 
 def shards(texts):
@@ -995,6 +1057,7 @@ def write_prepared(cfg: Config, tok, plans: list[Plan], out: Path) -> dict:
                     "first_query": first,
                     "num_new_docs": p.num_new_docs,
                     "skipped": p.skipped,
+                    **({"quirks": {k: v["count"] for k, v in p.quirks.items()}} if p.quirks else {}),
                 }
             )
             first += p.num_queries

@@ -632,17 +632,13 @@ BAD_HF = {
         lambda r: rewrite_corpus(r, "Beta", [{"id": str(i), "text": None if i == 3 else "t"} for i in range(1, 6)]),
         ("Beta/corpus.parquet", "document '3' (row 2) has a null text"),
     ),
-    "duplicate query ids": (
-        lambda r: rewrite_queries(r, "Alpha", lambda rows: rows[2].update(question_id="a1")),
-        ("Alpha/queries.parquet", "duplicate question_id 'a1' (rows [0, 2])"),
+    "row of a corpus not in the run": (
+        lambda r: rewrite_queries(r, "Alpha", lambda rows: rows[0].update(corpus_id="gamma")),
+        ("Alpha/queries.parquet", "query 'a1' (row 0): corpus_id 'gamma' is neither 'alpha'"),
     ),
-    "duplicate corpus ids": (
-        lambda r: rewrite_corpus(r, "Beta", [{"id": "1", "text": "a"}, {"id": "1", "text": "b"}]),
-        ("Beta/corpus.parquet", "duplicate id '1'"),
-    ),
-    "row of another corpus": (
+    "row of a corpus with another passage instruction": (
         lambda r: rewrite_queries(r, "Alpha", lambda rows: rows[0].update(corpus_id="beta")),
-        ("Alpha/queries.parquet", "query 'a1' (row 0): corpus_id 'beta' is not 'alpha'"),
+        ("Alpha/queries.parquet", "query 'a1' (row 0): its documents come from corpus 'beta'"),
     ),
     "null id": (
         lambda r: rewrite_queries(r, "Alpha", lambda rows: rows[0].update(neg_doc=[{"id": None}])),
@@ -671,6 +667,37 @@ def test_bad_hf_input(tmp_path, llama_tokenizer_path, case):
         match=match,
     )
     assert_no_output(tmp_path / "out")
+
+
+def test_reference_quirks_are_accepted_counted_and_warned(tmp_path, tok, llama_tokenizer_path, capsys):
+    """What the reference accepts: duplicate question ids (kept: queries are a plain list), duplicate
+    corpus ids (the last row wins) and a row naming another subset's corpus (its documents come from
+    there). Each is counted per subset in meta.json and warned about with a first example."""
+    root = make_dataset(tmp_path / "hf")
+    meta = json.loads((root / "Beta" / "dataset_metadata.json").read_text())
+    (root / "Beta" / "dataset_metadata.json").write_text(json.dumps({**meta, "passage_instruction": ""}))
+    beta = [{"id": f"{i}", "text": f"beta document {i}"} for i in range(1, 6)] + [{"id": "1", "text": "last copy"}]
+    rewrite_corpus(root, "Beta", beta)
+    rewrite_queries(root, "Alpha", lambda rows: (rows[0].update(corpus_id="beta"), rows[2].update(question_id="a1")))
+    data = prepare(root, tmp_path / "out", llama_tokenizer_path)
+    err = capsys.readouterr().err
+    assert "warning: Alpha: 1 duplicate question ids (e.g. 'a1')" in err
+    assert "warning: Alpha: 1 rows of another corpus (e.g. 'beta')" in err
+    assert "warning: Beta: 1 duplicate corpus ids (e.g. '1')" in err
+    quirks = {s["name"]: s["quirks"] for s in data.meta["subsets"]}
+    assert quirks == {
+        "Alpha": {"duplicate_question_ids": 1, "rows_of_another_corpus": 1, "duplicate_corpus_ids": 0},
+        "Beta": {"duplicate_question_ids": 0, "rows_of_another_corpus": 0, "duplicate_corpus_ids": 1},
+    }
+    assert len(data) == 5  # every query kept
+
+    def doc(query, col):
+        return tok.decode(data.doc(int(data.query_docs[query, col])).tolist(), skip_special_tokens=True)
+
+    # query a1 (Alpha, row 0) reads Beta's corpus: positive "1" is its LAST row, negatives Beta's 2..5
+    assert [doc(0, c) for c in range(5)] == ["last copy"] + [f"beta document {i}" for i in range(2, 6)]
+    assert doc(0, 0) == doc(3, 0)  # Beta's own query 10 has the same positive, stored once
+    assert doc(1, 0) == "Berlin is the capital of Germany."  # the other Alpha rows still read Alpha's corpus
 
 
 def test_skip_invalid_skips_and_reports(tmp_path, tok, llama_tokenizer_path, capsys):
