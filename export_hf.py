@@ -297,42 +297,9 @@ def build_base_model(config: dict, family: str):
     return AutoModel.from_config(hf_config(config), **extra)
 
 
-# LlamaConfig's defaults for the fields that llama_tensors reads (transformers 5.x)
-LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
-LLAMA_DEFAULTS.update(num_attention_heads=32, num_key_value_heads=None, head_dim=None)
-LLAMA_DEFAULTS.update(attention_bias=False, mlp_bias=False)
-
-
-def llama_tensors(config: dict) -> dict:
-    """LlamaModel's state dict, i.e. the reference's tensor names, with the shapes the config implies.
-
-    Written out rather than read from a LlamaModel on the meta device, which would import
-    transformers' modeling code (a second of startup); a test checks it against that model.
-    """
-    c = {**LLAMA_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
-    d, ff, heads = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
-    head_dim = c["head_dim"] or d // heads
-    q, kv = heads * head_dim, (c["num_key_value_heads"] or heads) * head_dim
-    shapes = {"embed_tokens.weight": (c["vocab_size"], d)}
-    for i in range(c["num_hidden_layers"]):
-        attn = {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d)}
-        attn["self_attn.o_proj"] = (d, q)
-        mlp = {"mlp.gate_proj": (ff, d), "mlp.up_proj": (ff, d), "mlp.down_proj": (d, ff)}
-        for layer, bias in ((attn, c["attention_bias"]), (mlp, c["mlp_bias"])):
-            for name, shape in layer.items():
-                shapes[f"layers.{i}.{name}.weight"] = shape
-                if bias:
-                    shapes[f"layers.{i}.{name}.bias"] = shape[:1]
-        shapes[f"layers.{i}.input_layernorm.weight"] = (d,)
-        shapes[f"layers.{i}.post_attention_layernorm.weight"] = (d,)
-    shapes["norm.weight"] = (d,)
-    return {name: (torch.Size(shape), torch.float32) for name, shape in shapes.items()}
-
-
 def expected_tensors(config: dict, family: str) -> dict:
-    """{export name: (shape, dtype)} of the base model's state dict."""
-    if family == "llama":
-        return llama_tensors(config)
+    """{export name: (shape, dtype)} of the base model's state dict, read from the model built on the
+    meta device (no memory, no initialisation): the reference's names for Llama (LlamaModel's)."""
     with torch.device("meta"):
         model = build_base_model(config, family)
     return {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
@@ -440,7 +407,6 @@ class ZeroCheckpoint:
             )
         self.train_state = json.loads(state_file.read_text())
         self.base_model = self.train_state["config"]["model"]
-        self.query_instruction = self.train_state.get("query_instruction") or ""
         self.step = self.train_state.get("step")
         self.final_loss = self.train_state.get("final_loss")
         self.kind = "zero3"
@@ -536,7 +502,6 @@ class ExportFolder:
         self.info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         self.train_state = self.info.get("train_state")
         self.base_model = str(path)
-        self.query_instruction = self.info.get("query_instruction", "")
         self.step = (self.train_state or {}).get("step")
         self.final_loss = (self.train_state or {}).get("final_loss")
         self.kind = "export"
@@ -770,6 +735,11 @@ def copy_tokenizer(src: str, out: Path, left_pad_with_eos: bool) -> None:
         config.pop(key, None)
     if config.get("tokenizer_class") == "TokenizersBackend":  # transformers 5's name; 4.x reads this one
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_json = out / "tokenizer.json"
+    if tokenizer_json.is_file() and json.loads(tokenizer_json.read_text())["model"]["type"] == "BPE":
+        # The clean-up is meant for WordPiece; transformers 5 ignores it for BPE with a warning at every
+        # load (4.x applied it, stripping spaces before punctuation when decoding). Off: the same ids.
+        config["clean_up_tokenization_spaces"] = False
     write_json(config_file, config)
 
 
@@ -802,6 +772,29 @@ def write_sentence_transformers(out: Path, hidden_size: int, prompts: dict, max_
     )
 
 
+def sentence_transformers_prompts(subsets: dict) -> dict:
+    """config_sentence_transformers.json's prompts from the training data's exact strings
+    ({subset: {"query": str | None, "passage": str}}, prepare_data.py's meta.json via train_state.json).
+
+    "query" / "document", the prompts encode_query / encode_document apply, exist when every subset
+    used the same one; "<subset>-query" / "<subset>-document" always (MTEB picks "<task>-query" /
+    "<task>-document" by task name). A query prompt None (JSONL lines with prompts of their own) has
+    no entry: those prompts are part of each query's text.
+    """
+    queries = {p["query"] for p in subsets.values()}
+    passages = {p["passage"] for p in subsets.values()}
+    prompts = {}
+    if len(queries) == 1 and None not in queries:
+        prompts["query"] = queries.pop()
+    if len(passages) == 1:
+        prompts["document"] = passages.pop()
+    for name, p in subsets.items():
+        if p["query"] is not None:
+            prompts[f"{name}-query"] = p["query"]
+        prompts[f"{name}-document"] = p["passage"]
+    return prompts
+
+
 @dataclass
 class Job:
     """What is exported: the sources, their weights, and the base model they share."""
@@ -812,20 +805,23 @@ class Job:
     family: str
     expected: dict
     average: Average
-    query_instruction: str
+    tokenizer: object  # the base model's, for the checks
 
     @property
-    def query_prompt(self) -> str:
-        return f"{self.query_instruction} " if self.query_instruction else ""
+    def train_state(self) -> dict:
+        return self.sources[0].train_state or {}
 
     @property
     def prompts(self) -> dict:
-        """Training embedded f"{query_instruction} {question}" and raw passages: the same strings here.
-        "query" is the run's instruction; each data subset's own one is there under its name."""
-        prompts = {"query": self.query_prompt, "document": ""}
-        per_subset = (self.sources[0].train_state or {}).get("query_instructions") or {}
-        prompts.update({name: f"{text} " for name, text in per_subset.items() if text and name not in prompts})
-        return prompts
+        return sentence_transformers_prompts(self.train_state.get("prompts") or {})
+
+    @property
+    def query_prompt(self) -> str:
+        return self.prompts.get("query", "")
+
+    @property
+    def document_prompt(self) -> str:
+        return self.prompts.get("document", "")
 
     @property
     def tokenizer_path(self) -> str:
@@ -837,6 +833,10 @@ class Job:
 
 
 def prepare(paths: list[str], tag: str | None, weights: list[float] | None) -> Job:
+    from transformers import AutoTokenizer
+
+    from model import check_vocab_covers_tokenizer
+
     sources = [open_source(p, tag) for p in paths]
     weights = weights or [1.0] * len(sources)
     weights = [w / sum(weights) for w in weights]
@@ -849,159 +849,127 @@ def prepare(paths: list[str], tag: str | None, weights: list[float] | None) -> J
             raise ValueError(
                 f"{s.label} was trained from a different base model than {sources[0].label} (config fields {diff})"
             )
-        if s.query_instruction != sources[0].query_instruction:
-            raise ValueError(
-                f"{s.label} was trained with another query instruction than {sources[0].label}: not averaged"
-            )
+        if (s.train_state or {}).get("prompts") != (sources[0].train_state or {}).get("prompts"):
+            raise ValueError(f"{s.label} was trained with other prompts than {sources[0].label}: not averaged")
+    # No remote code: an exported source's config.json names a model_type transformers does not know,
+    # and its tokenizer files need none (without the flag, AutoTokenizer would ask).
+    tokenizer = AutoTokenizer.from_pretrained(sources[0].base_model, trust_remote_code=False)
+    check_vocab_covers_tokenizer(len(tokenizer), config["vocab_size"], sources[0].base_model)
     expected = expected_tensors(config, family)
     average = Average(sources, weights, family, expected)
-    return Job(sources, weights, config, family, expected, average, sources[0].query_instruction)
+    return Job(sources, weights, config, family, expected, average, tokenizer)
 
 
 def max_seq_length(job: Job) -> int:
-    train_config = (job.sources[0].train_state or {}).get("config", {})
-    n = max(train_config.get("query_max_len", 512), train_config.get("passage_max_len", 512))
+    """sentence-transformers truncates every text at one length: the longer of the training data's two
+    limits (prepare_data.py --query-max-len / --passage-max-len, BOS included, as here)."""
+    max_len = job.train_state.get("max_len")
+    n = max(max_len.values()) if max_len else 512  # unknown (a plain model folder): the recipe's
     if job.family == "encoder":  # absolute position embeddings have a hard limit
         n = min(n, job.config["max_position_embeddings"])
     return n
 
 
+def is_hub_name(name: str) -> bool:
+    """'org/name' (or a bare legacy name) that is not a local path: what a card's base_model may say."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None and not Path(name).exists()
+
+
+def bash_quote(text: str) -> str:
+    """$'...': one shell word whatever the text holds (the instructions contain newlines)."""
+    return "$'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
 def write_info_and_card(out: Path, job: Job, dtype: str, weight_map: dict) -> None:
-    first = job.sources[0]
-    train_state = first.train_state or {}
+    """export_info.json (where the weights came from, read by --verify-only) and a short model card:
+    what the model is, how it was made, its prompts, and how each client loads it."""
     sources = [
         {"path": str(Path(s.label).resolve()), "kind": s.kind, "step": s.step, "final_loss": s.final_loss, "weight": w}
         for s, w in zip(job.sources, job.weights, strict=True)
     ]
-    info = {
-        "dtype": dtype,
-        "family": job.family,
-        "num_parameters": job.num_params,
-        "query_instruction": job.query_instruction,
-        "sources": sources,
-        "train_state": train_state,
-    }
-    write_json(out / "export_info.json", info)
+    info = {"dtype": dtype, "family": job.family, "num_parameters": job.num_params, "prompts": job.prompts}
+    write_json(out / "export_info.json", {**info, "sources": sources, "train_state": job.train_state})
 
-    train_config = train_state.get("config", {})
-    base = train_config.get("model", first.base_model)
-    lines = [
-        "---",
-        "library_name: sentence-transformers",
-        "pipeline_tag: feature-extraction",
-        "tags: [sentence-transformers, feature-extraction, text-embeddings, bidirectional]",
-        f"base_model: {base}",
-        "---",
-        "",
-        f"# Text embeddings: bidirectional {job.config['model_type']} fine-tuned from {base}",
-        "",
-        "A bi-encoder trained with this project's reproduction of NVIDIA's llama-embed-nemotron-8b recipe:",
-        "bidirectional attention, mean pooling over the non-pad tokens, L2 normalisation; similarity = cosine.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| base model | `{base}` |",
-        f"| training data | `{train_config.get('data', 'unknown')}` |",
-        f"| parameters | {job.num_params:,} |",
-        f"| embedding dimension | {job.config['hidden_size']} |",
-        f"| weights | {dtype}, {len(set(weight_map.values()))} safetensors file(s) |",
-    ]
+    train_config = job.train_state.get("config", {})
+    base = train_config.get("model", job.tokenizer_path)
+    remote = ", trust_remote_code=True" if job.family == "llama" else ""
+    front = ["library_name: sentence-transformers", "pipeline_tag: feature-extraction"]
+    if is_hub_name(base):  # a local path would become a bogus hub URL (e.g. in GGUF metadata)
+        front.append(f"base_model: {base}")
+    rows = [f"| base model | `{base}` |", f"| training data | `{train_config.get('data', 'unknown')}` |"]
+    rows += [f"| parameters | {job.num_params:,} ({dtype}, {len(set(weight_map.values()))} safetensors file(s)) |"]
+    rows += [f"| embedding dimension | {job.config['hidden_size']} |"]
     for s, w in zip(job.sources, job.weights, strict=True):
         loss = f"{s.final_loss:.4f}" if isinstance(s.final_loss, (int, float)) else "unknown"
         steps = f"{s.step}/{(s.train_state or {}).get('num_steps', '?')}"
-        lines.append(f"| checkpoint | `{s.label}`: step {steps}, final loss {loss}, weight {w:.4g} |")
-    if len(job.sources) > 1:
-        lines += [
-            "",
-            f"The weights are the parameter-wise weighted average of the {len(job.sources)} checkpoints above.",
-        ]
-    lines += [
+        rows.append(f"| checkpoint | `{s.label}`: step {steps}, final loss {loss}, weight {w:.4g} |")
+    prompts = "\n".join(f"| `{name}` | `{text!r}` |" for name, text in job.prompts.items()) or "| (none) | |"
+    n = len(job.sources)
+    merged = [f"The weights are the parameter-wise weighted average of these {n} checkpoints.", ""] if n > 1 else []
+    lines = [
+        "---",
+        *front,
+        "---",
         "",
-        "## Prompts",
+        f"# Text embeddings fine-tuned from {base}",
         "",
-        f"Queries are embedded as `{job.query_prompt!r} + query`, documents as they are (the strings of training).",
-        "sentence-transformers applies them through `encode_query` / `encode_document`.",
-    ]
-    subsets = sorted(k for k in job.prompts if k not in ("query", "document"))
-    if subsets:
-        lines += [f"Each training subset's instruction: `encode_query(texts, prompt_name=NAME)`, NAME in {subsets}."]
-    lines += [
+        "A bi-encoder: bidirectional attention, mean pooling over every token (prompt included), L2 normalisation;",
+        "similarity = cosine. Queries and documents are embedded with the prompts below, as in training.",
         "",
-        "## Training",
+        "| | |",
+        "|---|---|",
+        *rows,
         "",
-        "```",
-        train_state.get("command", "(command unknown)"),
-        "```",
+        *merged,
+        "## Prompts (config_sentence_transformers.json)",
         "",
-        "```json",
-        json.dumps(train_config, indent=2),
-        "```",
+        '`encode_query` / `encode_document` apply `query` / `document`; a subset\'s own: `prompt_name="NAME-query"`.',
+        "",
+        "| name | prompt |",
+        "|---|---|",
+        prompts,
         "",
         "## Usage",
         "",
-        "sentence-transformers:",
-        "",
         "```python",
         "from sentence_transformers import SentenceTransformer",
-        "",
-        f"model = SentenceTransformer(path{', trust_remote_code=True' if job.family == 'llama' else ''})",
+        f"model = SentenceTransformer(path{remote})",
         'q = model.encode_query(["how much protein should a female eat"])',
         'd = model.encode_document(["The CDC recommends 46 grams of protein per day for women."])',
         "print(model.similarity(q, d))",
         "```",
         "",
-        "transformers (mean pooling and normalisation by hand):",
-        "",
-        "```python",
-        "import torch",
-        "import torch.nn.functional as F",
-        "from transformers import AutoModel, AutoTokenizer",
-        "",
-        f"tok = AutoTokenizer.from_pretrained(path{', trust_remote_code=True' if job.family == 'llama' else ''})",
-        f"model = AutoModel.from_pretrained(path{', trust_remote_code=True' if job.family == 'llama' else ''})",
-        f"texts = [{job.query_prompt!r} + 'how much protein should a female eat']",
-        "batch = tok(texts, padding=True, return_tensors='pt')",
-        "h = model(**batch).last_hidden_state",
-        "mask = batch['attention_mask'].unsqueeze(-1).float()",
-        "emb = F.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)",
-        "```",
-        "",
-        "The project's own model: `model.BiEncoder.from_pretrained(path).encode(texts, prompt=...)`.",
     ]
-    if job.family == "encoder":
-        lines += [
-            "",
-            "Training used mean pooling, so the model has no [CLS] pooler: transformers reports `pooler.*` as",
-            "newly initialised when it builds the full model class. Ignore `pooler_output`.",
-        ]
     if job.family == "llama":
+        q = job.query_prompt + "how much protein should a female eat"
         lines += [
-            "",
-            "`trust_remote_code=True` runs `llama_bidirectional_model.py` from this folder: a LlamaModel whose",
-            "attention is bidirectional in every layer, on every transformers 5.x (the reference's own file",
-            "silently runs causally from transformers 4.53 on). Without remote code (transformers 5.24 tested):",
-            "",
-            "```python",
-            "from transformers import LlamaConfig, LlamaModel",
-            "",
-            "config = LlamaConfig.from_pretrained(path)  # config.json says is_causal = false",
-            "model = LlamaModel.from_pretrained(path, config=config)",
-            "for m in model.modules():  # SDPA falls back to the module's flag when a batch has no padding",
-            "    if hasattr(m, 'is_causal'):",
-            "        m.is_causal = False",
-            "```",
-            "",
-            "vLLM (>= 0.14 knows the `LlamaBidirectionalModel` architecture; not tested by this project):",
+            "`trust_remote_code=True` runs `llama_bidirectional_model.py` from this folder (a LlamaModel with",
+            "bidirectional attention on every transformers 5.x); `AutoModel`, `AutoTokenizer` and vLLM need it too",
+            "(`config.json` has the reference's `model_type: llama_bidirec`). The tokenizer alone loads without",
+            "any code: `PreTrainedTokenizerFast.from_pretrained(path)`.",
             "",
             "```python",
-            "from vllm import LLM",
-            "",
-            "llm = LLM(model=path, runner='pooling')",
-            f"out = llm.embed([{job.query_prompt!r} + 'how much protein should a female eat'])",
+            "from vllm import LLM  # vLLM >= 0.14: LlamaBidirectionalModel",
+            "llm = LLM(model=path, runner='pooling', trust_remote_code=True)",
+            "# CLI: vllm serve PATH --runner pooling --trust-remote-code",
+            f"out = llm.embed([{q!r}])",
             "```",
             "",
-            "llama.cpp also recognises the architecture (`convert_hf_to_gguf.py path`); not tested by this project.",
+            "llama.cpp (llama-embed architecture, non-causal; the converter records no pooling type, and",
+            "llama-embedding splits prompts at newlines by default, which cuts instructions in two; when the",
+            "converter asks whether to run this folder's code, answer N):",
+            "",
+            "```bash",
+            "python convert_hf_to_gguf.py PATH --outfile model.gguf --outtype bf16",
+            "llama-embedding -m model.gguf --pooling mean --embd-normalize 2 --embd-separator '<#sep#>' \\",
+            f"    -p {bash_quote(q)}",
+            "```",
+            "",
         ]
+    if job.family == "encoder":
+        lines += ["Trained with mean pooling: the encoder has no [CLS] pooler (ignore `pooler_output`).", ""]
+    lines += ["Loading without remote code, and the training recipe: the README of the project that wrote"]
+    lines += ["this folder (export_hf.py).", "", "## Training", "", "```", job.train_state.get("command", "?"), "```"]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -1034,7 +1002,6 @@ def check_tensors(out: Path, job: Job, dtype: torch.dtype) -> None:
 
 def reference_embeddings(job: Job, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Probe embeddings of the checkpoint's own model: BiEncoder on the fp32 (averaged) weights."""
-    from transformers import AutoTokenizer
     from transformers.initialization import no_init_weights
 
     from model import BiEncoder
@@ -1046,9 +1013,9 @@ def reference_embeddings(job: Job, device: str) -> tuple[torch.Tensor, torch.Ten
         for start, end in row_chunks(t.shape):
             flat[start:end] = job.average.read(name, start, end)
     job.average.release()
-    enc = BiEncoder(encoder, AutoTokenizer.from_pretrained(job.tokenizer_path))
+    enc = BiEncoder(encoder, job.tokenizer)
     q = enc.encode(PROBE_QUERIES, prompt=job.query_prompt)
-    d = enc.encode(PROBE_DOCUMENTS)
+    d = enc.encode(PROBE_DOCUMENTS, prompt=job.document_prompt)
     return q, d
 
 
@@ -1101,9 +1068,10 @@ def export(cfg: ExportConfig) -> Path:
         raise ValueError(f"{out} exists: pass --overwrite to replace it, or choose another --output-dir")
     for s, w in zip(job.sources, job.weights, strict=True):
         print(f"source: {s.label} (step {s.step}, final loss {s.final_loss}, weight {w:.4g})")
-    if len(job.prompts) > 2 and not job.query_instruction:
-        print("note: the data subsets used different query instructions; the 'query' prompt is empty, each")
-        print(f"subset's prompt is in config_sentence_transformers.json: {sorted(job.prompts)[:8]}")
+    print(f"prompts: {json.dumps(job.prompts)[:300]}")
+    if job.prompts and ("query" not in job.prompts or "document" not in job.prompts):
+        print("note: the data subsets used different prompts, so encode_query / encode_document apply none by")
+        print("default; pass prompt_name='<subset>-query' / '<subset>-document' (see the model card)")
     print(f"base model: {job.tokenizer_path} ({job.config['model_type']}, {job.num_params:,} parameters) -> {out}")
 
     try:

@@ -69,7 +69,9 @@ def save(engine, ckpt_dir: Path, step: int, num_steps: int, loss: float, config:
             "num_steps": num_steps,
             "final_loss": loss,
             "config": config,
-            "query_instruction": QUERY_INSTRUCTION,
+            # as train_biencoder.py writes them from the data's meta.json: each subset's prompts, the limits
+            "prompts": {"tiny": {"query": QUERY_INSTRUCTION + " ", "passage": ""}},
+            "max_len": {"query": 512, "passage": 512},
             "command": " ".join(["deepspeed", "--num_gpus", str(dist.get_world_size())] + sys.argv),
         }
         (ckpt_dir / tag / "train_state.json").write_text(json.dumps(state, indent=2))

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import export_hf
 from common import USER_ERROR_STATUS, run_cli
-from tiny_models import REPO, deepspeed_launcher, free_port, minilm_dir, save_tiny_llama, tiny_llama_config
+from tiny_models import REPO, deepspeed_launcher, free_port, minilm_dir, save_tiny_llama
 
 QUERY_INSTRUCTION = "Instruct: Given a question, retrieve passages that answer the question\nQuery:"
 
@@ -45,25 +45,28 @@ def test_plan_shards_bounds_bytes_and_keeps_order():
     assert [[s[0] for s in shard] for shard in shards] == [["t0", "t1"], ["t2"], ["t3", "t4"]]
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [{}, {"attention_bias": True, "mlp_bias": True}, {"head_dim": 32, "num_key_value_heads": 4}],
-)
-def test_llama_table_equals_llama_model_state_dict(tmp_path, overrides):
-    from transformers import LlamaConfig, LlamaModel
+def test_prompts_are_the_training_datas_strings():
+    one = {"SciFact": {"query": "Q: ", "passage": "P: "}}
+    assert export_hf.sentence_transformers_prompts(one) == {
+        "query": "Q: ",
+        "document": "P: ",
+        "SciFact-query": "Q: ",
+        "SciFact-document": "P: ",
+    }
+    # Subsets with different prompts: no default, each subset's own by name; a JSONL file whose lines
+    # carry their own prompts (query None) has no query prompt at all
+    mixed = {**one, "NQ": {"query": "N: ", "passage": ""}, "mine": {"query": None, "passage": ""}}
+    got = export_hf.sentence_transformers_prompts(mixed)
+    assert "query" not in got and "document" not in got and "mine-query" not in got
+    assert got["NQ-query"] == "N: " and got["SciFact-document"] == "P: " and got["mine-document"] == ""
 
-    tiny_llama_config(**overrides).save_pretrained(tmp_path)
-    fields = export_hf.load_base_config(str(tmp_path))
-    # and a minimal config.json that leaves optional fields to LlamaConfig's defaults
-    minimal = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1}
-    minimal.update(num_attention_heads=4, vocab_size=100)
-    for config in (fields, minimal):
-        with torch.device("meta"):
-            model = LlamaModel(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}))
-        want = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
-        got = export_hf.llama_tensors(config)
-        assert list(got) == list(want)  # names and order
-        assert got == want
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, capsys):
+    base = save_tiny_llama(tmp_path / "tiny", vocab_size=128256)  # Llama-3.1's rows; the tokenizer has 128,257
+    assert run_export("--checkpoint", base, "--output-dir", tmp_path / "out") == USER_ERROR_STATUS
+    err = capsys.readouterr().err
+    assert "128257 tokens" in err and "128256 embedding rows" in err and "resize_token_embeddings" in err
+    assert not (tmp_path / "out").exists()
 
 
 class FakeSource:
@@ -250,14 +253,18 @@ def test_llama_export_has_the_reference_format(runs, exports):
     pooling = json.loads((path / "1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]
     st = json.loads((path / "config_sentence_transformers.json").read_text())
-    assert st["prompts"] == {"query": QUERY_INSTRUCTION + " ", "document": ""}
+    q = QUERY_INSTRUCTION + " "
+    assert st["prompts"] == {"query": q, "document": "", "tiny-query": q, "tiny-document": ""}
+    assert json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"] == 512  # the data's
+    assert tok["clean_up_tokenization_spaces"] is False  # BPE: transformers would warn at every load
 
     card = (path / "README.md").read_text()
     state = json.loads((runs["a"][0] / "checkpoints" / "step_00000003" / "train_state.json").read_text())
     for text in (state["config"]["model"], state["command"], "step 3/3", f"{state['final_loss']:.4f}"):
         assert text in card
-    for text in ("trust_remote_code=True", "SentenceTransformer", "vllm", "encode_query"):
+    for text in ("trust_remote_code=True", "SentenceTransformer", "vllm", "encode_query", "--pooling mean"):
         assert text in card
+    assert "base_model:" not in card  # a local path is no hub name (GGUF metadata would make it a URL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,16 +525,25 @@ SCIFACT = REPO / "data" / "scifact"  # ships with the repository
 
 @pytest.mark.slow
 def test_export_of_a_train_biencoder_run(tmp_path):
-    """train_biencoder.py with the recipe's bf16 ZeRO-3 config, then export_hf.py with its defaults."""
+    """train_biencoder.py with the recipe's bf16 ZeRO-3 config, then export_hf.py with its defaults; a
+    subset with both a query and a passage instruction: sentence-transformers on the export embeds
+    queries and documents as the training-time model embeds the prepared token ids."""
     import pyarrow.parquet as pq
+    from sentence_transformers import SentenceTransformer
+
+    from dataset import PreparedData
+    from model import BiEncoder, pack
 
     if not SCIFACT.exists():
         pytest.skip(f"no SciFact sample at {SCIFACT}")
     raw = tmp_path / "raw" / "SciFact"
     raw.mkdir(parents=True)
-    pq.write_table(pq.read_table(SCIFACT / "queries.parquet").slice(0, 16), raw / "queries.parquet")
-    for name in ("corpus.parquet", "dataset_metadata.json"):
-        (raw / name).symlink_to(SCIFACT / name)
+    queries = pq.read_table(SCIFACT / "queries.parquet").slice(0, 16)
+    pq.write_table(queries, raw / "queries.parquet")
+    (raw / "corpus.parquet").symlink_to(SCIFACT / "corpus.parquet")
+    meta = json.loads((SCIFACT / "dataset_metadata.json").read_text())
+    meta["passage_instruction"] = "Represent this scientific abstract\nPassage:"
+    (raw / "dataset_metadata.json").write_text(json.dumps(meta))
     base = save_tiny_llama(tmp_path / "tiny_llama")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     prep = [sys.executable, str(REPO / "prepare_data.py"), "--download-path", str(tmp_path / "raw")]
@@ -550,8 +566,35 @@ def test_export_of_a_train_biencoder_run(tmp_path):
     assert set(got) == set(ref)
     for name, t in ref.items():
         assert torch.equal(got[name], t.to(torch.bfloat16)), name
-    instruction = json.loads((SCIFACT / "dataset_metadata.json").read_text())["query_instruction"]
+    q_prompt, p_prompt = meta["query_instruction"] + " ", meta["passage_instruction"] + " "
     prompts = json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]
-    assert prompts["query"] == instruction + " " and prompts["SciFact"] == instruction + " "
+    assert prompts == {"query": q_prompt, "document": p_prompt, "SciFact-query": q_prompt, "SciFact-document": p_prompt}
+    assert json.loads((out / "sentence_bert_config.json").read_text())["max_seq_length"] == 64  # the data's
     card = (out / "README.md").read_text()
     assert "train_biencoder.py" in card and "step 2/" in card
+
+    # The training-time embeddings: the fp32 master weights in the training forward (packed), on the
+    # token ids prepare_data.py wrote. sentence-transformers on an fp32 export of the same checkpoint,
+    # on the raw texts, must give them (ids equal, embeddings within float error).
+    data = PreparedData(tmp_path / "prepared")
+    assert data.meta["subsets"][0]["query_prompt"] == q_prompt and data.meta["subsets"][0]["passage_prompt"] == p_prompt
+    enc = BiEncoder.from_pretrained(str(base))
+    enc.encoder.load_state_dict(ref)
+    enc.eval()
+    n = 4  # the first queries and their positives (query i's row in queries.parquet is row i)
+    ids = [data.query(i).tolist() for i in range(n)] + [data.doc(int(data.query_docs[i][0])).tolist() for i in range(n)]
+    with torch.no_grad():
+        train_q, train_d = enc(*pack(ids)).split(n)
+    corpus = pq.read_table(SCIFACT / "corpus.parquet", columns=["id", "text"]).to_pydict()
+    corpus = dict(zip(corpus["id"], corpus["text"], strict=True))
+    q_texts = queries["question"].to_pylist()[:n]
+    d_texts = [corpus[docs[0]["id"]] for docs in queries["pos_doc"].to_pylist()[:n]]
+    assert run_export("--run", run, "--dtype", "float32", "--output-dir", tmp_path / "export32") == 0
+    st = SentenceTransformer(str(tmp_path / "export32"), trust_remote_code=True)
+    texts = [q_prompt + t for t in q_texts] + [p_prompt + t for t in d_texts]
+    for text, want in zip(texts, ids, strict=True):  # the tokens training saw, truncation included
+        assert st.tokenize([text])["input_ids"][0].tolist() == want
+    q = st.encode_query(q_texts, convert_to_tensor=True)
+    d = st.encode_document(d_texts, convert_to_tensor=True)
+    torch.testing.assert_close(q, train_q, atol=1e-5, rtol=0)
+    torch.testing.assert_close(d, train_d, atol=1e-5, rtol=0)
