@@ -17,7 +17,6 @@ export must reproduce.
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,9 +26,17 @@ import torch.distributed as dist
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import write_atomic  # noqa: E402
 from model import BiEncoder, contrastive_loss, pack  # noqa: E402
+from train_biencoder import train_state  # noqa: E402
 
 QUERY_INSTRUCTION = "Instruct: Given a question, retrieve passages that answer the question\nQuery:"
+# What train_biencoder.py takes from the prepared data's meta.json for a checkpoint: one subset's prompts, the limits.
+DATA_META = {
+    "subsets": [{"name": "tiny", "query_prompt": QUERY_INSTRUCTION + " ", "passage_prompt": ""}],
+    "query_max_len": 512,
+    "passage_max_len": 512,
+}
 PROBE_QUERIES = ["how do bi-encoders pool token states?", "what is ZeRO-3?"]
 PROBE_DOCUMENTS = ["Mean pooling averages the final hidden states.", "ZeRO-3 shards parameters across ranks.", "x"]
 
@@ -64,20 +71,9 @@ def save(engine, ckpt_dir: Path, step: int, num_steps: int, loss: float, config:
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     dist.barrier()  # every rank has written its files
     if dist.get_rank() == 0:
-        state = {
-            "step": step,
-            "num_steps": num_steps,
-            "final_loss": loss,
-            "config": config,
-            # as train_biencoder.py writes them from the data's meta.json: each subset's prompts, the limits
-            "prompts": {"tiny": {"query": QUERY_INSTRUCTION + " ", "passage": ""}},
-            "max_len": {"query": 512, "passage": 512},
-            "command": " ".join(["deepspeed", "--num_gpus", str(dist.get_world_size())] + sys.argv),
-        }
-        (ckpt_dir / tag / "train_state.json").write_text(json.dumps(state, indent=2))
-        tmp = ckpt_dir / "latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt_dir / "latest")
+        state = train_state(step, num_steps, loss, dist.get_world_size(), config, DATA_META)  # as train_biencoder.py
+        write_atomic(ckpt_dir / tag / "train_state.json", json.dumps(state, indent=2))
+        write_atomic(ckpt_dir / "latest", tag)  # as train_biencoder.py: moves only once the tag is complete
     dist.barrier()
 
 
