@@ -139,7 +139,10 @@ def run_cli(main: Callable, argv: list[str] | None = None) -> int:
 
 
 def _causes(e: BaseException) -> Iterator[BaseException]:
-    while e is not None:
+    """The exception and the chain of exceptions it was raised from."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
         yield e
         e = e.__cause__ or e.__context__
 
