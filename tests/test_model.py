@@ -1,5 +1,7 @@
 """model/: bidirectionality on every attention path, packed == padded, pooling, loss, encode."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,3 +165,59 @@ def test_encode_equals_training_forward_whatever_batch_and_order(tmp_path):
     torch.testing.assert_close(shuffled, train_emb[perm], atol=1e-5, rtol=1e-5)
     norms = enc.encode(texts).norm(dim=-1)
     torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+# torch's varlen_attn changed its signature between releases; the adapter passes only what each has.
+def _segments_reference(q, k, v, cu, scale, causal):
+    """Plain per-segment attention with explicit scale, causality and KV-head expansion."""
+    out = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))  # (H, L, d)
+        scores = (qs @ ks.transpose(1, 2)) * scale
+        if causal:
+            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+        out.append((scores.softmax(-1) @ vs).transpose(0, 1))
+    return torch.cat(out)
+
+
+def varlen_torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert query.shape[1] == key.shape[1], "2.10 has no GQA: heads must match"
+    return _segments_reference(query, key, value, cu_seq_q, query.shape[-1] ** -0.5, is_causal)
+
+
+def varlen_torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1)):  # fmt: skip
+    assert query.shape[1] == key.shape[1], "2.11 has no GQA: heads must match"
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return _segments_reference(query, key, value, cu_seq_q, scale, tuple(window_size) == (-1, 0))
+
+
+def varlen_torch_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1), enable_gqa=False):  # fmt: skip
+    if enable_gqa:
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    return varlen_torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size)
+
+
+@pytest.mark.parametrize("fn", [varlen_torch_2_10, varlen_torch_2_11, varlen_torch_2_13])
+def test_varlen_adapter_gives_non_causal_scaled_gqa_attention_on_every_signature(fn):
+    from model.attention import adapt_varlen, packed_attention
+
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
+    q, k, v = torch.randn(13, 4, 8), torch.randn(13, 2, 8), torch.randn(13, 2, 8)  # 4 query heads, 2 KV heads
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(sorted(kwargs))
+        return fn(*args, **kwargs)
+
+    spy.__signature__ = inspect.signature(fn)
+    for scale in (8**-0.5, 0.3):  # the default 1/sqrt(d) and another one (folded into q where unsupported)
+        got = adapt_varlen(spy)(q, k, v, cu, 7, scale)
+        want = packed_attention(q, k, v, cu, 7, scale)  # the CPU reference path
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        causal = _segments_reference(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), cu, scale, True)
+        assert not torch.allclose(got, causal, atol=1e-3)  # and it is not the causal result
+    assert all(set(c) <= set(inspect.signature(fn).parameters) for c in calls)
