@@ -1,0 +1,124 @@
+"""Checks of the paths that only run on a GPU, before anything is measured: PASS / FAIL / SKIP lines.
+
+In:  nothing (a random Llama of --shape is built on the device).
+Out: one line per check on stdout, `CHECK <name> PASS|FAIL|SKIP <detail>`, and exit status 1 if any failed.
+
+- kernel:        which kernel the packed path runs (bf16 on CUDA), and that it is really called: the
+                 varlen function is wrapped and counted during a packed forward and backward. The
+                 slow per-segment fallback is a FAIL on a GPU.
+- bidirectional: on that same packed bf16 path, changing the LAST token of a segment changes the
+                 output at its FIRST token (no causal mask), and leaves the other segment untouched
+                 (block-diagonal attention).
+
+bench/run_gpu.sh runs it with the other checks (packed == padded, RoPE, resume, export):
+    python bench/gpu_check.py                  # on a GPU
+    python bench/gpu_check.py                  # on the CPU: kernel SKIP, bidirectional on the fp32 path
+"""
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench_setup import SHAPES, llama_config  # noqa: E402
+from transformers import LlamaModel  # noqa: E402
+
+import model.attention as attention  # noqa: E402
+from model import BiEncoder, pack  # noqa: E402
+from model.biencoder import positions_from_cu_seqlens  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def report(name: str, status: str, detail: str) -> bool:
+    print(f"CHECK {name} {status} {detail}", flush=True)
+    return status != "FAIL"
+
+
+def count_varlen_calls() -> list[int]:
+    """Wrap the varlen kernels the packed path may pick, so that their calls are counted."""
+    calls = [0]
+
+    def counted(fn):
+        @functools.wraps(fn)  # keeps the signature: the adapter passes arguments by it
+        def wrapper(*args, **kwargs):
+            calls[0] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    try:
+        import torch.nn.attention.varlen as varlen
+
+        varlen.varlen_attn = counted(varlen.varlen_attn)
+    except ImportError:
+        pass
+    try:
+        import flash_attn
+
+        flash_attn.flash_attn_varlen_func = counted(flash_attn.flash_attn_varlen_func)
+    except ImportError:
+        pass
+    attention._varlen_kernel.cache_clear()  # pick the kernel again, through the wrappers
+    return calls
+
+
+def token_states(enc: BiEncoder, seqs: list[list[int]], device) -> torch.Tensor:
+    """Last hidden states of packed sequences, token by token: (T, D)."""
+    ids, cu = pack(seqs, device)
+    pos = positions_from_cu_seqlens(cu, ids.shape[0])
+    max_len = int((cu[1:] - cu[:-1]).max())
+    out = enc.encoder(input_ids=ids[None], position_ids=pos[None], cu_seqlens=cu, max_seqlen=max_len)
+    return out.last_hidden_state[0]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="tiny", choices=sorted(SHAPES), help="random model shape (default: %(default)s)")
+    args = p.parse_args(argv)
+    # On the CPU (a rehearsal of this script) the same checks run on the fp32 per-segment path.
+    calls = count_varlen_calls()
+    device = torch.device("cuda" if CUDA else "cpu")
+    torch.manual_seed(0)
+    with device:
+        dtype = torch.bfloat16 if CUDA else torch.float32
+        enc = BiEncoder(LlamaModel._from_config(llama_config(args.shape), dtype=dtype)).to(device)
+    vocab = enc.encoder.config.vocab_size
+    a = torch.randint(0, vocab, (37,)).tolist()
+    b = torch.randint(0, vocab, (23,)).tolist()
+    ok = True
+
+    # kernel: a packed forward and backward in bf16 must go through the varlen kernel
+    name = attention.packed_kernel_name()
+    ids, cu = pack([a, b], device)
+    enc.train()
+    enc(ids, cu).sum().backward()
+    enc.eval()
+    if not CUDA:
+        ok &= report("kernel", "SKIP", "no GPU: the packed path runs per-segment SDPA in fp32 on the CPU")
+    elif "fallback" in name:
+        ok &= report("kernel", "FAIL", f"{name}: the packed path is the slow per-segment fallback")
+    elif calls[0] == 0:
+        ok &= report("kernel", "FAIL", f"{name} was picked but never called")
+    else:
+        ok &= report("kernel", "PASS", f"{name}, called {calls[0]} times in one forward + backward")
+
+    # bidirectional: the first token sees the last one, the other segment sees neither
+    with torch.no_grad():
+        before = token_states(enc, [a, b], device).float()
+        changed = a[:-1] + [(a[-1] + 1) % vocab]
+        after = token_states(enc, [changed, b], device).float()
+    first_moved = (after[0] - before[0]).abs().max().item()
+    other_moved = (after[len(a) :] - before[len(a) :]).abs().max().item()
+    detail = f"first token moved {first_moved:.3g}, other segment moved {other_moved:.3g}"
+    # exactly 0 expected; a leak across segments would move the other one about as much as the first token
+    ok &= report("bidirectional", "PASS" if first_moved > 1e-3 and other_moved < 0.1 * first_moved else "FAIL", detail)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
