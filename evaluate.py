@@ -8,8 +8,9 @@ that `model.BiEncoder` loads) and a folder in the BEIR layout:
     qrels/test.tsv   query-id <tab> corpus-id <tab> score, with a header line
 
 Out: NDCG@10, Recall@10, Recall@100 and MRR@10 as a table, and as JSON on the last line of
-stdout (and in --output-json). Queries are embedded with the query prompt (default: the export's
-config_sentence_transformers.json `prompts["query"]`, else none), documents as
+stdout (and in --output-json). Queries and documents are embedded with the prompts the export
+stores (config_sentence_transformers.json: `query` / `document`, or with --prompt-name SUBSET one
+training subset's `SUBSET-query` / `SUBSET-document`; else none), documents as
 title + ". " + text (see `doc_text`), both mean-pooled and L2-normalised; search is exact cosine
 over the whole corpus, chunked so memory stays bounded; a document whose id is the query's own
 is never returned (as in BEIR). Metrics follow BEIR / pytrec_eval (see `retrieval_metrics`),
@@ -23,8 +24,11 @@ averaged over the judged queries.
     # an export on every visible GPU (8 GPUs: one model replica per GPU, in this one process)
     python evaluate.py --model output/export --beir data/scifact-beir --output-json output/scifact.json
 
+    # an export of the recipe's 14 subsets (no default prompt): SciFact with SciFact's prompts
+    python evaluate.py --model output/export --beir data/scifact-beir --prompt-name SciFact
+
     # MTEB tasks (needs `pip install mteb` and network access for the task data)
-    python evaluate.py --model output/export --mteb SciFact NFCorpus --query-prompt "Instruct: ...\\nQuery: "
+    python evaluate.py --model output/export --mteb SciFact NFCorpus
 
 GPUs: plain `python`, not torchrun/deepspeed. The script puts one replica of the model on each
 visible GPU (choose them with CUDA_VISIBLE_DEVICES) and hands out blocks of texts to one thread
@@ -33,8 +37,10 @@ Memory: the corpus embeddings are held in host memory as float32, N x D x 4 byte
 for SciFact with MiniLM; 1M docs x 4096 for an 8B model is 16 GB).
 
 MTEB (`--mteb TASK ...`): runs the named tasks with `mteb.evaluate` (mteb >= 2) and prints each
-task's main score. The same query prompt is used for every task (and the document prompt for
-documents); nothing is cached between runs. mteb is imported only when --mteb is given.
+task's main score. A task named like a training subset gets that subset's stored prompts (as mteb
+gives a SentenceTransformer its "<task>-query" / "<task>-document" prompts); the others the query
+and document prompts above; --query-prompt / --doc-prompt / --prompt-name apply to every task.
+Nothing is cached between runs. mteb is imported only when --mteb is given.
 """
 
 import argparse
@@ -207,26 +213,36 @@ def load_beir(beir_dir: str | Path, split: str = "test") -> dict:
 # Model settings stored in the export
 
 
+def stored_prompts(model_dir: str | Path | None) -> dict[str, str]:
+    """config_sentence_transformers.json's prompts: an export stores the training data's exact strings,
+    "query" / "document" when every subset had the same, "<subset>-query" / "<subset>-document" always."""
+    st_config = Path(model_dir or "") / "config_sentence_transformers.json"
+    return (json.loads(st_config.read_text()).get("prompts") or {}) if model_dir and st_config.is_file() else {}
+
+
 def resolve_settings(
     model_dir: str | Path | None,
     replicas: list[BiEncoder],
     query_prompt: str | None,
     doc_prompt: str | None,
     max_length: int | None,
+    prompt_name: str | None = None,
 ) -> tuple[str, str, int]:
     """Fill what was not given (None) from the model folder, as sentence-transformers stores it:
-    config_sentence_transformers.json's prompts["query"] / ["document"] (else no prompt) and
+    the prompts "<prompt_name>-query" / "-document" (or "query" / "document"; else no prompt) and
     sentence_bert_config.json's max_seq_length (else 512), capped by the model's positions."""
-    prompts, default_length = {}, DEFAULT_MAX_LENGTH
+    prompts, default_length = stored_prompts(model_dir), DEFAULT_MAX_LENGTH
     if model_dir is not None:
-        st_config = Path(model_dir) / "config_sentence_transformers.json"
-        if st_config.is_file():
-            prompts = json.loads(st_config.read_text()).get("prompts") or {}
         sbert_config = Path(model_dir) / "sentence_bert_config.json"
         if sbert_config.is_file():
             default_length = json.loads(sbert_config.read_text()).get("max_seq_length") or default_length
-    query_prompt = prompts.get("query", "") if query_prompt is None else query_prompt
-    doc_prompt = prompts.get("document", prompts.get("passage", "")) if doc_prompt is None else doc_prompt
+    prefix = "" if prompt_name is None else f"{prompt_name}-"
+    query_key, doc_key = f"{prefix}query", f"{prefix}document"
+    if prompt_name is not None and query_key not in prompts and doc_key not in prompts:
+        names = sorted({k.rsplit("-", 1)[0] for k in prompts if k.endswith(("-query", "-document"))})
+        raise ValueError(f"--prompt-name {prompt_name}: {model_dir} stores no such prompts; it has {names or 'none'}")
+    query_prompt = prompts.get(query_key, "") if query_prompt is None else query_prompt
+    doc_prompt = prompts.get(doc_key, "") if doc_prompt is None else doc_prompt
     max_length = int(default_length) if max_length is None else max_length
     if replicas[0].max_positions:  # absolute position embeddings (BERT) end here
         max_length = min(max_length, replicas[0].max_positions)
@@ -421,10 +437,20 @@ def evaluate_beir(
 
 
 def run_mteb(
-    replicas: list[BiEncoder], tasks: list, query_prompt: str, doc_prompt: str, batch_size: int, max_length: int
+    replicas: list[BiEncoder],
+    tasks: list,
+    query_prompt: str,
+    doc_prompt: str,
+    batch_size: int,
+    max_length: int,
+    task_prompts: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """Run MTEB task objects (mteb >= 2) on the replicas -> {task name: main score}."""
+    """Run MTEB task objects (mteb >= 2) on the replicas -> {task name: main score}. A task whose name
+    has prompts in `task_prompts` ("<task>-query" / "<task>-document", the export's) gets them, as mteb
+    gives them to a SentenceTransformer; the others get query_prompt / doc_prompt."""
     import mteb  # only here: the package is optional
+
+    task_prompts = task_prompts or {}
 
     class Encoder:
         """mteb's EncoderProtocol: query or document prompt by prompt_type, cosine similarity."""
@@ -433,7 +459,9 @@ def run_mteb(
 
         def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
             texts = [t for batch in inputs for t in batch["text"]]
-            prompt = query_prompt if prompt_type == "query" else doc_prompt
+            kind = "query" if prompt_type == "query" else "document"
+            default = query_prompt if kind == "query" else doc_prompt
+            prompt = task_prompts.get(f"{task_metadata.name}-{kind}", default)
             return embed(replicas, texts, prompt, batch_size, max_length, desc=task_metadata.name).numpy()
 
         def similarity(self, a, b):
@@ -458,6 +486,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mteb", nargs="+", metavar="TASK", help="MTEB task names to run (needs the mteb package)")
     p.add_argument("--query-prompt", help="prefix for queries; default: the export's prompts['query'], else none")
     p.add_argument("--doc-prompt", help="prefix for documents; default: the export's prompts['document'], else none")
+    p.add_argument(
+        "--prompt-name",
+        metavar="SUBSET",
+        help="use the export's prompts of one training subset (SUBSET-query / SUBSET-document), e.g. SciFact",
+    )
     p.add_argument("--max-length", type=int, help="tokens per text; default: sentence_bert_config.json, else 512")
     p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (per GPU)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="cuda = every visible GPU")
@@ -499,7 +532,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = resolve_dtype(args.dtype, device)
     replicas = load_replicas(args.model, device, dtype)
     query_prompt, doc_prompt, max_length = resolve_settings(
-        args.model, replicas, args.query_prompt, args.doc_prompt, args.max_length
+        args.model, replicas, args.query_prompt, args.doc_prompt, args.max_length, args.prompt_name
     )
     print(
         f"model {args.model} on {len(replicas)} x {device} ({dtype}) | query prompt {query_prompt!r}"
@@ -513,9 +546,10 @@ def main(argv: list[str] | None = None) -> dict:
         result["model"] = args.model
         print_table(result)
     if args.mteb:
-        scores = run_mteb(
-            replicas, mteb.get_tasks(tasks=args.mteb), query_prompt, doc_prompt, args.batch_size, max_length
-        )
+        chosen = args.query_prompt is not None or args.doc_prompt is not None or args.prompt_name is not None
+        task_prompts = {} if chosen else stored_prompts(args.model)  # else each task's own, where stored
+        tasks = mteb.get_tasks(tasks=args.mteb)
+        scores = run_mteb(replicas, tasks, query_prompt, doc_prompt, args.batch_size, max_length, task_prompts)
         for name, score in scores.items():
             print(f"MTEB {name}: {score:.4f}")
         result["mteb"] = scores

@@ -49,7 +49,7 @@ if [ "$GPUS" = 0 ]; then
     # 128 tokens keeps the two CPU evaluations of 5,183 documents to a few minutes each
     EVAL_ARGS=(--beir data/scifact-beir --max-length 128)
     GPU_ARGS=()
-    TRAINED_PROMPT=()  # the export's own prompt: the SciFact instruction it was trained with
+    TRAINED_PROMPT=()  # the export's default prompts: the SciFact subset's, as prepared for training
 else
     OUT=${OUT:-output/llama_embed_nemotron_8b}
     MODEL=meta-llama/Llama-3.1-8B
@@ -59,8 +59,9 @@ else
     deepspeed --num_gpus "$GPUS" train_biencoder.py --output-dir "$OUT"
     EVAL_ARGS=(--beir data/scifact-beir)
     GPU_ARGS=(--device cuda)
-    # trained on 14 subsets with different instructions: the export has no single default prompt
-    TRAINED_PROMPT=(--query-prompt $'Instruct: Given a scientific claim, retrieve documents that support or refute the claim\nQuery: ')
+    # trained on 14 subsets with different instructions: the export has no default prompt, but stores
+    # each subset's query and passage prompts; evaluate with SciFact's
+    TRAINED_PROMPT=(--prompt-name SciFact)
 fi
 
 RUN="$OUT/run"; [ "$GPUS" = 0 ] || RUN="$OUT"

@@ -257,8 +257,20 @@ def test_cli_errors_name_the_file(tmp_path):
         ev.main(["--model", str(minilm_dir())])  # neither --beir nor --mteb
 
 
+def test_prompt_name_takes_one_subsets_stored_prompts(tmp_path):
+    """An export of several subsets with different prompts has no default: --prompt-name picks one."""
+    prompts = {"SciFact-query": "Q: ", "SciFact-document": "P: ", "NQ-query": "N: ", "NQ-document": ""}
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts}))
+    replicas = [SimpleNamespace(max_positions=None)]
+    assert ev.resolve_settings(tmp_path, replicas, None, None, None, "SciFact") == ("Q: ", "P: ", 512)
+    assert ev.resolve_settings(tmp_path, replicas, None, None, None) == ("", "", 512)
+    assert ev.resolve_settings(tmp_path, replicas, "x ", None, 64, "SciFact") == ("x ", "P: ", 64)
+    with pytest.raises(ValueError, match=r"--prompt-name MSMARCO: .* it has \['NQ', 'SciFact'\]"):
+        ev.resolve_settings(tmp_path, replicas, None, None, None, "MSMARCO")
+
+
 def test_mteb_wrapper_on_mock_tasks():
-    """Runs only where mteb is installed (not in the project's venv); the mock tasks need no network."""
+    """mteb's own mock tasks (no network), on the CPU."""
     pytest.importorskip("mteb")
     from mteb.mocks.mock_tasks.retrieval import MockRetrievalTask
     from mteb.mocks.mock_tasks.sts import MockSTSTask
