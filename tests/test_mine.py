@@ -1,0 +1,371 @@
+"""mine_negatives.py: the rule against a brute-force reference, ranks, resume, bad input, SciFact.
+
+The reference in this file scores every (query, document) pair at once (the full matrix), ranks
+each row with a stable sort and applies the rule as the README states it: positives (and kept
+negatives) out, documents below margin x lowest positive score (perc) or lowest positive - margin
+(abs), at most k, in rank order, ties in corpus order.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import mine_negatives as mn
+from common import USER_ERROR_STATUS, run_cli
+from tiny_models import REPO, deepspeed_launcher, free_port, minilm_dir, save_tiny_llama
+
+SCIFACT = REPO / "data" / "scifact"
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def reference(S: np.ndarray, pos: list[list[int]], kept: list[list[int]], k: int, margin: float, margin_type: str):
+    """The rule on a full score matrix S (queries x documents): (negatives, dropped) per query."""
+    out = []
+    for i, row in enumerate(S):
+        low = np.float32(min(row[j] for j in pos[i]))
+        thr = low * np.float32(margin) if margin_type == "perc" else low - np.float32(margin)
+        excluded = set(pos[i]) | set(kept[i])
+        order = np.argsort(-row, kind="stable")  # ties: corpus order
+        mined = [int(j) for j in order if j not in excluded and row[j] < thr][: max(0, k - len(kept[i]))]
+        dropped = sum(1 for j in range(len(row)) if j not in excluded and row[j] >= thr)
+        out.append((list(kept[i]) + mined, dropped))
+    return out
+
+
+def small_subset(dst: Path, num_queries: int, num_docs: int, keep_neg: bool = True) -> Path:
+    """The first SciFact training queries and a corpus of their documents plus others, in the
+    embed-nemotron layout; corpus ids as strings, as in data/scifact."""
+    dst.mkdir(parents=True)
+    queries = pq.read_table(SCIFACT / "queries.parquet").slice(0, num_queries)
+    corpus = pq.read_table(SCIFACT / "corpus.parquet")
+    used = {d["id"] for col in ("pos_doc", "neg_doc") for docs in queries[col].to_pylist() for d in docs}
+    ids = corpus["id"].to_pylist()
+    keep = [i for i, x in enumerate(ids) if x in used]
+    keep += [i for i, x in enumerate(ids) if x not in used][: max(0, num_docs - len(keep))]
+    pq.write_table(corpus.take(sorted(keep)), dst / "corpus.parquet")
+    if not keep_neg:
+        queries = queries.drop_columns(["neg_doc"])
+    pq.write_table(queries, dst / "queries.parquet")
+    (dst / "dataset_metadata.json").write_text((SCIFACT / "dataset_metadata.json").read_text())
+    return dst
+
+
+def run_mine(*args) -> int:
+    return run_cli(mn.main, [str(a) for a in args])
+
+
+def cached(stats: dict, t: int, role: str) -> np.ndarray:
+    return np.load(Path(stats["embedding"][t][role]["cache"]) / "embeddings.npy").astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The rule and the search, exact: small integer vectors make every score exact, with many ties
+
+
+def make_task(n: int, N: int, rng, kept: bool, lowest: int) -> mn.Task:
+    pos = [sorted(rng.choice(N, rng.integers(1, 4), replace=False).tolist()) for _ in range(n)]
+    pos[0] = pos[0] + pos[0][:1]  # a duplicate in pos_doc counts once
+    pos[1] = [lowest]  # query 1's positive scores lowest of all: few documents fall below it
+    negs = [rng.choice(N, rng.integers(0, 4), replace=False).tolist() if kept else [] for _ in range(n)]
+
+    def csr(lists):
+        return np.concatenate([[0], np.cumsum([len(x) for x in lists])]).astype(np.int64), np.array(
+            [j for x in lists for j in x], np.int64
+        )
+
+    (po, pi), (no, ni) = csr(pos), csr(negs)
+    return mn.Task("subset", "t", [str(j) for j in range(N)], [""] * N, [str(i) for i in range(n)], [""] * n,
+                   po, pi, no, ni)  # fmt: skip
+
+
+@pytest.mark.parametrize("margin_type,margin", [("perc", 0.95), ("abs", 0.25)])
+@pytest.mark.parametrize("teachers", [1, 2])
+@pytest.mark.parametrize("kept", [False, True])
+def test_rule_equals_brute_force_with_ties(tmp_path, margin_type, margin, teachers, kept):
+    rng = np.random.default_rng(7)
+    n, N, D, k = 37, 211, 6, 5
+    # entries in {-1, -0.5, 0, 0.5, 1}: every product and sum is exact in float32, and duplicate
+    # documents (rows 0..19 repeated) make exact ties
+    docs = [rng.integers(-2, 3, (N, D)).astype(np.float32) / 2 for _ in range(teachers)]
+    for d in docs:
+        d[100:120] = d[0:20]
+    queries = [rng.integers(-2, 3, (n, D)).astype(np.float32) / 2 for _ in range(teachers)]
+    S = sum(q.astype(np.float64) @ d.astype(np.float64).T for q, d in zip(queries, docs, strict=True)) / teachers
+    task = make_task(n, N, rng, kept, lowest=int(np.argmin(S[1])))
+    pos = [task.pos_idx[task.pos_off[i] : task.pos_off[i + 1]].tolist() for i in range(n)]
+    negs = [task.neg_idx[task.neg_off[i] : task.neg_off[i + 1]].tolist() for i in range(n)]
+    want = reference(S.astype(np.float32), pos, negs, k, margin, margin_type)
+    # blocks smaller than the data, and a score block cut inside a query block
+    cfg = mn.MineConfig(num_negatives=k, margin=margin, margin_type=margin_type, query_block=8, doc_block=23)
+    res = mn.mine(task, queries, docs, cfg, torch.device("cpu"), tmp_path / "scratch")
+    got = [res["neg_idx"][res["neg_off"][i] : res["neg_off"][i + 1]].tolist() for i in range(n)]
+    assert got == [w[0] for w in want]
+    assert res["dropped"].tolist() == [w[1] for w in want]
+    assert np.allclose(res["neg_scores"], [S[i, j] for i in range(n) for j in got[i]])
+    assert len(got[1]) < k and any(w[1] > 0 for w in want)  # a short list, and drops, occur
+
+
+def test_topk_first_breaks_ties_by_column():
+    s = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0, 5.0]])
+    v, c = mn.topk_first(s, 3)
+    assert c.tolist() == [[1, 2, 4], [5, 0, 1]] and v.tolist() == [[3, 3, 3], [5, 0, 0]]
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: the CLI, real teachers, outputs ready for prepare_data.py
+
+
+def test_cli_two_teachers_keep_existing_matches_reference_and_prepares(tmp_path, capsys):
+    subset = small_subset(tmp_path / "raw" / "SciFact", num_queries=24, num_docs=160)
+    minilm = minilm_dir()
+    out = tmp_path / "mined"
+    # the same model twice with different query prompts: two teachers, scores averaged
+    status = run_mine("--data", subset, "--model", minilm, minilm, "--query-prompt", "", "claim: ",
+                      "--num-negatives", 6, "--keep-existing", "--max-length", 96, "--chunk-size", 40,
+                      "--query-block", 8, "--doc-block", 50, "--output-dir", out)  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    stats = json.loads((out / "SciFact" / "mining_stats.json").read_text())
+    assert [t["query_prompt"] for t in stats["teachers"]] == ["", "claim: "]
+    assert [t["max_length"] for t in stats["teachers"]] == [96, 96]
+    chunks = -(-stats["num_docs"] // 40)  # the second teacher reads the first one's corpus chunks: same key
+    assert stats["embedding"][1]["corpus"]["chunks_cached"] == stats["embedding"][1]["corpus"]["chunks"] == chunks
+
+    # embeddings: what BiEncoder.encode gives for the whole list at once
+    from model import BiEncoder
+
+    enc = BiEncoder.from_pretrained(str(minilm))
+    corpus = pq.read_table(subset / "corpus.parquet")
+    qtab = pq.read_table(subset / "queries.parquet")
+    assert np.allclose(cached(stats, 0, "corpus"), enc.encode(corpus["text"].to_pylist(), max_length=96), atol=1e-5)
+    assert np.allclose(
+        cached(stats, 1, "queries"),
+        enc.encode(qtab["question"].to_pylist(), prompt="claim: ", max_length=96),
+        atol=1e-5,
+    )
+
+    # the rule, on the full matrix of the cached embeddings
+    S = sum(cached(stats, t, "queries").astype(np.float64) @ cached(stats, t, "corpus").astype(np.float64).T
+            for t in (0, 1)) / 2  # fmt: skip
+    row = {x: i for i, x in enumerate(corpus["id"].to_pylist())}
+    pos = [[row[d["id"]] for d in docs] for docs in qtab["pos_doc"].to_pylist()]
+    kept = [[row[d["id"]] for d in docs] for docs in qtab["neg_doc"].to_pylist()]
+    want = reference(S.astype(np.float32), pos, kept, 6, 0.95, "perc")
+    mined = pq.read_table(out / "SciFact" / "queries.parquet")
+    got = [[row[d["id"]] for d in docs] for docs in mined["neg_doc"].to_pylist()]
+    assert mined["question_id"].to_pylist() == qtab["question_id"].to_pylist()
+    assert got == [w[0] for w in want]
+    assert got[0][:8] == kept[0]  # the 8 stored negatives first, as stored
+    assert mined["num_dropped"].to_pylist() == [w[1] for w in want]
+    scores = mined["neg_scores"].to_pylist()
+    assert all(np.allclose(scores[i], [S[i, j] for j in got[i]], atol=1e-5) for i in range(len(got)))
+
+    # ready for prepare_data.py, and the summary was printed
+    import prepare_data
+
+    prepared = tmp_path / "prepared"
+    assert run_cli(prepare_data.main, ["--download-path", str(out), "--subsets", "SciFact", "--tokenizer",
+                                       str(minilm), "--output-dir", str(prepared), "--num-proc", "1"]) == 0  # fmt: skip
+    assert json.loads((prepared / "meta.json").read_text())["num_queries"] == 24
+    assert "probably false negatives" in capsys.readouterr().out
+
+
+def test_cli_jsonl_abs_margin_with_corpus_file(tmp_path, capsys):
+    corpus = pq.read_table(SCIFACT / "corpus.parquet").slice(0, 120)["text"].to_pylist()
+    rows = [
+        {"query": f"claim about {t[:40]}", "pos": [t], "prompt": "Q:", "extra": i} for i, t in enumerate(corpus[:6])
+    ]
+    rows[1]["pos"].append("a positive that is not in the corpus file")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus + corpus[:3]))  # duplicates: once
+    out = tmp_path / "mined"
+    args = ["--data", data, "--corpus", pool, "--model", minilm_dir(), "--margin-type", "abs", "--margin", 0.05]
+    assert run_mine(*args, "--num-negatives", 4, "--max-length", 64, "--output-dir", out) == 0
+    lines = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    assert [x["extra"] for x in lines] == list(range(6)) and all(x["prompt"] == "Q:" for x in lines)
+    stats = json.loads((out / "train.mining_stats.json").read_text())
+    assert stats["num_docs"] == 121  # 120 distinct texts + the positive that was not there
+    S = cached(stats, 0, "queries") @ cached(stats, 0, "corpus").T
+    pool_texts = corpus + ["a positive that is not in the corpus file"]
+    pos = [[pool_texts.index(p) for p in r["pos"]] for r in rows]
+    want = reference(S, pos, [[] for _ in rows], 4, 0.05, "abs")
+    assert [[pool_texts.index(t) for t in x["neg"]] for x in lines] == [w[0] for w in want]
+    assert all(len(x["pos_scores"]) == len(r["pos"]) and len(x["neg_scores"]) == len(x["neg"]) for x, r in
+               zip(lines, rows, strict=True))  # fmt: skip
+    assert all(max(x["neg_scores"]) < min(x["pos_scores"]) - 0.05 for x in lines if x["neg"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a clear error, status 2, nothing written
+
+
+def bad_case(tmp_path, name: str) -> tuple[list, str]:
+    subset = small_subset(tmp_path / "raw" / "SciFact", num_queries=4, num_docs=20)
+    q = pq.read_table(subset / "queries.parquet")
+    model = minilm_dir()
+    args = ["--data", subset, "--model", model]
+    if name == "missing_file":
+        (subset / "corpus.parquet").unlink()
+        return args, "corpus.parquet: missing file"
+    if name == "missing_column":
+        pq.write_table(q.drop_columns(["pos_doc"]), subset / "queries.parquet")
+        return args, "missing column(s) ['pos_doc']"
+    if name == "missing_neg_doc_to_keep":
+        pq.write_table(q.drop_columns(["neg_doc"]), subset / "queries.parquet")
+        return args + ["--keep-existing"], "missing column(s) ['neg_doc']"
+    if name == "id_not_in_corpus":
+        pos = q["pos_doc"].to_pylist()
+        pos[2] = [{"id": "no-such-doc"}]
+        pq.write_table(q.set_column(q.schema.get_field_index("pos_doc"), "pos_doc", pa.array(pos, q["pos_doc"].type)),
+                       subset / "queries.parquet")  # fmt: skip
+        return args, "pos_doc document id 'no-such-doc' is not in"
+    if name == "empty_pos":
+        pos = q["pos_doc"].to_pylist()
+        pos[1] = []
+        pq.write_table(q.set_column(q.schema.get_field_index("pos_doc"), "pos_doc", pa.array(pos, q["pos_doc"].type)),
+                       subset / "queries.parquet")  # fmt: skip
+        return args, "has an empty pos_doc"
+    if name == "jsonl_empty_pos":
+        f = tmp_path / "x.jsonl"
+        f.write_text(json.dumps({"query": "a", "pos": ["b"]}) + "\n" + json.dumps({"query": "c", "pos": []}) + "\n")
+        return ["--data", f, "--model", model], "x.jsonl:2: empty 'pos'"
+    if name == "teacher_without_config":
+        (tmp_path / "teacher").mkdir()
+        return ["--data", subset, "--model", tmp_path / "teacher"], "no config.json there"
+    if name == "teacher_unloadable":
+        bad = tmp_path / "teacher"
+        bad.mkdir()
+        (bad / "config.json").write_text(json.dumps({"model_type": "bert"}))  # no weights, no tokenizer
+        return ["--data", subset, "--model", bad], f"--model {bad}: cannot load"
+    if name == "prompt_count":
+        return args + [model, "--query-prompt", "a: ", "b: ", "c: "], "3 prompts for 2 teachers"
+    if name == "prompt_near_miss":
+        teacher = save_tiny_llama(tmp_path / "teacher")
+        (teacher / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {"query": "Query: "}}))
+        return ["--data", subset, "--model", teacher, "--query-prompt", "Query:"], "only by whitespace"
+    if name == "prompt_mixed_export":
+        teacher = save_tiny_llama(tmp_path / "teacher")
+        prompts = {"SciFact-query": "S: ", "NQ-query": "N: ", "document": ""}
+        (teacher / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts}))
+        return ["--data", subset, "--model", teacher], "several query prompts (NQ-query, SciFact-query)"
+    if name == "no_data":
+        return ["--data", tmp_path / "nope", "--model", model], "no such file or folder"
+    raise AssertionError(name)
+
+
+BAD = ["missing_file", "missing_column", "missing_neg_doc_to_keep", "id_not_in_corpus", "empty_pos", "jsonl_empty_pos",
+       "teacher_without_config", "teacher_unloadable", "prompt_count", "prompt_near_miss", "prompt_mixed_export",
+       "no_data"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, name):
+    args, message = bad_case(tmp_path, name)
+    out = tmp_path / "mined"
+    assert run_mine(*args, "--output-dir", out) == USER_ERROR_STATUS
+    err = capsys.readouterr().err
+    assert "mine_negatives.py: error: " in err and message in err and "Traceback" not in err, err
+    assert not (out / "SciFact").exists() and not list(out.glob("*.jsonl"))
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys):
+    subset = small_subset(tmp_path / "raw" / "SciFact", num_queries=3, num_docs=12)
+    out = tmp_path / "mined"
+    (out / "SciFact").mkdir(parents=True)
+    (out / "SciFact" / "keep.txt").write_text("x")
+    assert run_mine("--data", subset, "--model", minilm_dir(), "--output-dir", out) == USER_ERROR_STATUS
+    assert "--overwrite" in capsys.readouterr().err and (out / "SciFact" / "keep.txt").exists()
+    args = ["--data", subset, "--model", minilm_dir(), "--output-dir", out, "--overwrite", "--max-length", 32]
+    assert run_mine(*args, "--num-negatives", 2) == 0
+    assert sorted(p.name for p in (out / "SciFact").iterdir()) == [
+        "corpus.parquet", "dataset_metadata.json", "mining_stats.json", "queries.parquet"
+    ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranks and resume (subprocesses: a tiny random Llama teacher with the real Llama-3 tokenizer)
+
+
+def mine_cmd(subset: Path, teacher: Path, out: Path, *extra) -> list[str]:
+    args = ["--data", subset, "--model", teacher, "--output-dir", out, "--num-negatives", 5, "--chunk-size", 16]
+    return [str(a) for a in (*args, "--query-block", 8, "--doc-block", 40, "--max-length", 64, *extra)]
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **extra}
+
+
+def read_mined(out: Path) -> tuple[list, list]:
+    t = pq.read_table(out / "SciFact" / "queries.parquet")
+    return [[d["id"] for d in x] for x in t["neg_doc"].to_pylist()], t["neg_scores"].to_pylist()
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_negatives_of_one(tmp_path, llama_tokenizer_path):
+    subset = small_subset(tmp_path / "raw" / "SciFact", num_queries=20, num_docs=120)
+    teacher = save_tiny_llama(tmp_path / "tiny_llama")
+    one = tmp_path / "one"
+    assert run_mine(*mine_cmd(subset, teacher, one)) == 0
+    cmd = [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "mine_negatives.py")]
+    res = subprocess.run(cmd + mine_cmd(subset, teacher, tmp_path / "two"), env=env(), capture_output=True, text=True,
+                         timeout=600, start_new_session=True)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    stats = json.loads((tmp_path / "two" / "SciFact" / "mining_stats.json").read_text())
+    assert stats["world_size"] == 2
+    (n1, s1), (n2, s2) = read_mined(one), read_mined(tmp_path / "two")
+    assert n1 == n2
+    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(s1, s2, strict=True))
+
+
+@pytest.mark.slow
+def test_killed_during_embedding_resumes_without_redoing_chunks(tmp_path, llama_tokenizer_path):
+    subset = small_subset(tmp_path / "raw" / "SciFact", num_queries=20, num_docs=120)
+    teacher = save_tiny_llama(tmp_path / "tiny_llama")
+    out, cache = tmp_path / "mined", tmp_path / "cache"
+    cmd = [sys.executable, str(REPO / "mine_negatives.py"), *mine_cmd(subset, teacher, out, "--cache-dir", cache)]
+    res = subprocess.run(cmd, env=env(MINE_FAULT_AFTER_CHUNKS="3"), capture_output=True, text=True, timeout=600)
+    assert res.returncode == -9, res.stderr[-3000:]  # SIGKILL
+    assert not (out / "SciFact").exists()
+    (corpus_cache,) = cache.glob("corpus-*")
+    assert len(list((corpus_cache / "done").iterdir())) == 3
+    assert run_mine(*mine_cmd(subset, teacher, out, "--cache-dir", cache)) == 0
+    stats = json.loads((out / "SciFact" / "mining_stats.json").read_text())
+    assert stats["embedding"][0]["corpus"]["chunks_cached"] == 3 and stats["embedding"][0]["corpus"]["chunks"] == 8
+    fresh = tmp_path / "fresh"
+    assert run_mine(*mine_cmd(subset, teacher, fresh, "--cache-dir", tmp_path / "cache2")) == 0
+    (n1, s1), (n2, s2) = read_mined(out), read_mined(fresh)
+    assert n1 == n2 and all(np.allclose(a, b, atol=1e-6) for a, b in zip(s1, s2, strict=True))
+    # a changed setting (here the prompt) is another cache entry, never the stale one
+    assert run_mine(*mine_cmd(subset, teacher, out, "--cache-dir", cache, "--overwrite", "--query-prompt", "q: ")) == 0
+    assert len(list(cache.glob("queries-*"))) == 2 and len(list(cache.glob("corpus-*"))) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The real run: the negatives shipped in data/scifact (data/README.md: all-MiniLM-L6-v2 at 256
+# tokens, raw queries, TopK-PercPos 95%, 8 per query)
+
+
+@pytest.mark.slow
+def test_minilm_on_scifact_reproduces_the_shipped_negatives(tmp_path):
+    out = tmp_path / "mined"
+    assert run_mine("--data", SCIFACT, "--model", minilm_dir(), "--num-negatives", 8, "--output-dir", out) == 0
+    stats = json.loads((out / "scifact" / "mining_stats.json").read_text())
+    assert stats["teachers"][0]["max_length"] == 256 and stats["teachers"][0]["query_prompt"] == ""
+    shipped = [[d["id"] for d in x] for x in pq.read_table(SCIFACT / "queries.parquet")["neg_doc"].to_pylist()]
+    mined = [[d["id"] for d in x] for x in pq.read_table(out / "scifact" / "queries.parquet")["neg_doc"].to_pylist()]
+    same = sum(a == b for a, b in zip(shipped, mined, strict=True)) / len(shipped)
+    print(f"SciFact: mined negatives equal to the shipped ones for {same:.2%} of {len(shipped)} queries")
+    assert same >= 0.99
+    assert stats["queries_with_fewer_than_k"] == 0
