@@ -73,11 +73,9 @@ def test_cpu_command_end_to_end(workdir, tmp_path):
     assert variants["ours"]["real_tokens_per_step"] == variants["reference"]["real_tokens_per_step"]
     assert variants["reference"]["micro_batches_per_step"] == 8
     assert variants["ours"]["memory_slope"]["points"]
-    st = variants["st"]
-    assert st["status"] == "ok" or st["status"].startswith("skipped: "), st["status"]
-    if st["status"] == "ok":
-        assert all(key in st for key in FIELDS) and st["pad_share"] > 0
-        assert st["zero_stage"] == 3 and st["gradient_checkpointing"]
+    st = variants["st"]  # a failure of this baseline fails the run: no "skipped" row to overlook
+    assert st["status"] == "ok" and all(key in st for key in FIELDS) and st["pad_share"] > 0
+    assert st["zero_stage"] == 3 and st["gradient_checkpointing"]
     # the same math: ours and the reference port log the same loss per step (bf16 rounding apart)
     losses = {
         name: [float(line.split("loss ")[1]) for line in res.stdout.splitlines() if f"  {name} step" in line]
@@ -98,7 +96,7 @@ def test_random_init_path_of_the_large_shapes(workdir, tmp_path):
     )
     variants = json.loads(out.read_text())["variants"]
     assert variants["ours"]["status"] == "ok" and variants["ours"]["pad_share"] == 0
-    assert variants["st"]["status"] == "ok" or variants["st"]["status"].startswith("skipped: ")
+    assert variants["st"]["status"] == "ok"
     assert (workdir / "model_tiny_config_only" / "config.json").is_file()
     assert not any((workdir / "model_tiny_config_only").glob("*.safetensors"))
 
