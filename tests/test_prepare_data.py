@@ -218,6 +218,8 @@ def test_round_trip_hf_layout(tmp_path, tok, llama_tokenizer_path, capsys):
     assert [s["name"] for s in meta["subsets"]] == ["Alpha", "Beta"]
     assert [(s["num_queries"], s["first_query"], s["skipped"]) for s in meta["subsets"]] == [(3, 0, 0), (2, 3, 0)]
     assert meta["subsets"][0]["query_instruction"] == QI and meta["subsets"][1]["passage_instruction"] == "passage:"
+    # the exact strings before each text, which the export hands to sentence-transformers
+    assert [(s["query_prompt"], s["passage_prompt"]) for s in meta["subsets"]] == [(QI + " ", ""), ("", "passage: ")]
     # Alpha: 1..5, 7, 8 (not 6: the fifth negative, nor 9); Beta: 5; Alpha's 1 and Beta's "1" differ
     assert meta["num_docs"] == 7 + 5
     # cycling: a2 has negatives (7, 3) -> 7, 3, 7, 3; a3 has (1) -> 1, 1, 1, 1
@@ -353,6 +355,7 @@ def test_jsonl(tmp_path, tok, llama_tokenizer_path, capsys):
     check_round_trip(data, examples, tok)
     assert data.num_docs == 6  # X, Y, Z, W, V, U once each; T (fifth negative) and "unused" never referenced
     assert data.meta["subsets"][0]["name"] == "mine" and data.meta["subsets"][0]["query_instruction"] is None
+    assert data.meta["subsets"][0]["query_prompt"] is None  # per line: inside each query's tokens
 
 
 def test_hf_layout_and_jsonl_together(tmp_path, tok, llama_tokenizer_path):
