@@ -342,7 +342,8 @@ def test_killed_during_embedding_resumes_without_redoing_chunks(tmp_path, llama_
     assert len(list((corpus_cache / "done").iterdir())) == 3
     assert run_mine(*mine_cmd(subset, teacher, out, "--cache-dir", cache)) == 0
     stats = json.loads((out / "SciFact" / "mining_stats.json").read_text())
-    assert stats["embedding"][0]["corpus"]["chunks_cached"] == 3 and stats["embedding"][0]["corpus"]["chunks"] == 8
+    corpus = stats["embedding"][0]["corpus"]
+    assert corpus["chunks_cached"] == 3 and corpus["chunks"] == -(-stats["num_docs"] // 16) > 3
     fresh = tmp_path / "fresh"
     assert run_mine(*mine_cmd(subset, teacher, fresh, "--cache-dir", tmp_path / "cache2")) == 0
     (n1, s1), (n2, s2) = read_mined(out), read_mined(fresh)
