@@ -4,15 +4,17 @@ In:  the run folder of train_biencoder.py: `<run>/checkpoints/latest` names the 
      `<run>/checkpoints/<tag>/` holds DeepSpeed's ZeRO-3 files and train_state.json. Or, with
      --checkpoint, any list of run folders, checkpoints folders, tag folders or exported folders,
      averaged parameter by parameter (--weights, default equal).
-Out: `<run>/export/` (or --output-dir), usable at once by transformers, sentence-transformers, the
-     project's BiEncoder, vLLM and llama.cpp:
+Out: `<run>/export/` (or --output-dir), usable at once by transformers and vLLM (remote code),
+     sentence-transformers, the project's BiEncoder and llama.cpp's converter (the model card says how):
      - model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json
        (--dtype bfloat16 by default, --max-shard-size 5GB);
      - config.json in the reference's format for Llama ("architectures": ["LlamaBidirectionalModel"],
        "model_type": "llama_bidirec", "pooling": "avg", auto_map -> llama_bidirectional_model.py,
        shipped in the folder), the base model's own config for BERT-family encoders;
      - tokenizer (Llama: pad = EOS, left padding); modules.json, 1_Pooling/ (mean),
-       Normalize, config_sentence_transformers.json with the training prompts;
+       Normalize, config_sentence_transformers.json with the training data's exact prompts (per
+       subset, from prepare_data.py's meta.json through train_state.json), sentence_bert_config.json
+       with the data's token limit;
      - README.md (model card) and export_info.json (where the weights came from).
 
 How: each tensor is rebuilt from the fp32 master slices of all ranks 16M elements at a time,
