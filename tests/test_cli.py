@@ -176,7 +176,7 @@ def test_every_script_ends_through_run_cli(script):
     """What a subprocess would show, without its start-up time: `__main__` hands main to run_cli
     (prepare_data.py, export_hf.py and train_biencoder.py are also run as commands by their tests)."""
     tail = (REPO / script).read_text().rstrip().splitlines()[-2:]
-    assert tail[0] == 'if __name__ == "__main__":' and "exit(run_cli(main))" in tail[1], tail
+    assert tail[0] == 'if __name__ == "__main__":' and "run_cli(main))" in tail[1], tail
 
 
 def test_export_bad_arguments_are_user_errors(tmp_path, capsys):
