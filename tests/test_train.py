@@ -5,6 +5,7 @@ prepare_data.py. Checks the math against an independent single-process reference
 independence from the GPU / micro-batch split, exact resume after kills, and the bad inputs.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -206,10 +207,20 @@ def test_kill_and_resume_give_bitwise_equal_weights(setup):
 
 
 def test_resume_with_other_settings_is_refused(setup):
-    extra = ["--epochs", "2", "--max-steps", "6", "--micro-batch-size", "2", "--temperature", "0.05"]
-    res, _ = launch(setup, "clean", extra=extra, check=False)
+    # The state a run with temperature 0.02 left (what resume() reads before DeepSpeed's own files).
+    out = setup["root"] / "other_settings"
+    args = ["--model", setup["model"], "--data", setup["data"], "--output-dir", out, "--deepspeed", setup["ds"]]
+    args += ["--global-batch-size", "8", "--lr", "1e-3", "--micro-batch-size", "2"]
+    written = tb.parse_config([str(a) for a in args])
+    tag = out / "checkpoints" / "step_00000002"
+    tag.mkdir(parents=True)
+    state = tb.train_state(2, 3, 1.0, 2, dataclasses.asdict(written), PreparedData(setup["data"]).meta)
+    (tag / "train_state.json").write_text(json.dumps(state))
+    (out / "checkpoints" / "latest").write_text("step_00000002")
+    res, _ = launch(setup, "other_settings", extra=["--micro-batch-size", "2", "--temperature", "0.05"], check=False)
     assert res.returncode != 0
-    assert "temperature" in res.stderr + res.stdout and "other settings" in res.stderr + res.stdout
+    assert "temperature: checkpoint 0.02 vs now 0.05" in res.stderr + res.stdout
+    assert "other settings" in res.stderr + res.stdout
 
 
 LLAMA31_ROPE = {  # Llama-3.1-8B's config.json
