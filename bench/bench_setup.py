@@ -118,6 +118,8 @@ def save_model_folder(
     tok = load_pretrained(AutoTokenizer.from_pretrained, str(tokenizer or tokenizer_dir()), "--tokenizer", "tokenizer")
     tok.pad_token = PAD_TOKEN
     tok.save_pretrained(path)
+    # every id the tokenizer can emit needs an embedding row (the test tokenizer has <|image|> = 128256)
+    config.vocab_size = max(config.vocab_size, len(tok))
     if weights:
         torch.manual_seed(seed)
         with torch.device(device):  # initialised where it will be used: fast on a GPU
