@@ -568,7 +568,7 @@ def embed_cached(
 
 def as_float(block: np.ndarray, device) -> torch.Tensor:
     """Stored rows -> float32 on the device (bfloat16 is stored as its int16 bits)."""
-    x = torch.from_numpy(np.ascontiguousarray(block))
+    x = torch.from_numpy(np.array(block))  # a copy: the cache is mapped read-only
     if x.dtype == torch.int16:
         x = x.view(torch.bfloat16)
     return x.to(device).float()
