@@ -109,3 +109,13 @@ def test_packed_and_padded_forwards_agree(workdir, tmp_path):
     result = json.loads(out.read_text())
     assert result["ok"] and result["embeddings"]["packed_vs_padded"]["min_cosine"] > 0.99999
     assert result["paths"]["packed"]["pad_share"] == 0 < result["paths"]["padded"]["pad_share"]
+
+
+def test_gpu_check_script_runs_its_checks_on_the_cpu():
+    """bench/gpu_check.py, the first checks of run_gpu.sh: on the CPU the kernel check is skipped and the
+    bidirectionality check runs on the fp32 per-segment path."""
+    llama_tokenizer_dir()  # skips without the tokenizer package (bench_setup needs it)
+    res = run(["bench/gpu_check.py"])
+    lines = [line for line in res.stdout.splitlines() if line.startswith("CHECK ")]
+    assert lines[0].startswith("CHECK kernel SKIP")
+    assert lines[1].startswith("CHECK bidirectional PASS first token moved")
