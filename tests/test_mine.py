@@ -370,3 +370,22 @@ def test_minilm_on_scifact_reproduces_the_shipped_negatives(tmp_path):
     print(f"SciFact: mined negatives equal to the shipped ones for {same:.2%} of {len(shipped)} queries")
     assert same >= 0.99
     assert stats["queries_with_fewer_than_k"] == 0
+
+
+def test_half_precision_cache(tmp_path):
+    subset = small_subset(tmp_path / "raw" / "SciFact", num_queries=6, num_docs=60)
+    common = ["--data", subset, "--model", minilm_dir(), "--num-negatives", 4, "--max-length", 48]
+    assert run_mine(*common, "--output-dir", tmp_path / "fp32") == 0
+    full = json.loads((tmp_path / "fp32" / "SciFact" / "mining_stats.json").read_text())
+    _, s32 = read_mined(tmp_path / "fp32")
+    for dtype, stored, atol in (("float16", np.float16, 2e-3), ("bfloat16", np.int16, 1e-2)):  # bfloat16: its bits
+        out = tmp_path / dtype
+        assert (
+            run_mine(*common, "--output-dir", out, "--embedding-dtype", dtype, "--cache-dir", tmp_path / "cache") == 0
+        )
+        stats = json.loads((out / "SciFact" / "mining_stats.json").read_text())
+        raw = np.load(Path(stats["embedding"][0]["corpus"]["cache"]) / "embeddings.npy", mmap_mode="r")
+        assert raw.dtype == stored
+        assert np.allclose(mn.as_float(raw, "cpu").numpy(), cached(full, 0, "corpus"), atol=atol)
+        _, s16 = read_mined(out)
+        assert all(np.allclose(a[:1], b[:1], atol=2 * atol) for a, b in zip(s32, s16, strict=True) if a and b)
