@@ -82,10 +82,12 @@ def bench_embedding(args, texts: list[str], device: str) -> dict:
 def bench_search(args, device: str) -> dict:
     """Random unit vectors of the model's width; 1 positive per query; the rule with k negatives."""
     g = torch.Generator().manual_seed(0)
-    q = torch.nn.functional.normalize(torch.randn(args.num_queries, args.dim, generator=g), dim=1).numpy()
-    d = torch.nn.functional.normalize(torch.randn(args.search_docs, args.dim, generator=g), dim=1).numpy()
-    n, N, k = len(q), len(d), args.num_negatives
+    d = torch.nn.functional.normalize(torch.randn(args.search_docs, args.dim, generator=g), dim=1)
+    n, N, k = args.num_queries, len(d), args.num_negatives
     pos = np.arange(n) % N
+    # a query near its positive (cosine ~0.7), as in real data: few documents sit at the threshold
+    q = torch.nn.functional.normalize(d[pos] + torch.randn(n, args.dim, generator=g) / args.dim**0.5, dim=1).numpy()
+    d = d.numpy()
     task = mn.Task("subset", "bench", [""] * N, [""] * N, [""] * n, [""] * n, np.arange(n + 1), pos,
                    np.zeros(n + 1, np.int64), np.zeros(0, np.int64))  # fmt: skip
     cfg = mn.MineConfig(num_negatives=k, query_block=args.query_block, doc_block=args.doc_block)
@@ -119,7 +121,8 @@ def bench_search(args, device: str) -> dict:
             "mine_negatives": round(min(args.query_block, n) * min(args.doc_block, N) * 4 / 2**30, 3),
             "full_matrix_and_sort": round(n * N * 4 * 3 / 2**30, 3),  # S, sorted values, int64 indices / 2
         },
-        "same_negatives": bool((ours_idx == plain_idx).all()),
+        # equal up to float rounding: the blocked and the full matmul may differ in the last bit
+        "queries_with_same_negatives": round(float((ours_idx == plain_idx).all(1).mean()), 4),
     }
 
 
@@ -158,7 +161,7 @@ def main() -> None:
     print(f"search {s['queries']} queries x {s['docs']} docs x {s['dim']} dims on {args.device}:")
     for name, sec in s["seconds"].items():
         print(f"  {name:<22} {sec:>8.3f} s   score memory {s['score_matrix_gb'][name]} GB")
-    print(f"  same negatives: {s['same_negatives']}")
+    print(f"  queries with the same negatives: {s['queries_with_same_negatives']:.2%}")
     Path(args.output_json).write_text(json.dumps(result, indent=1) + "\n")
 
 
