@@ -554,7 +554,13 @@ def embed_cached(
     )
     for written, c in enumerate(mine, 1):
         idx = np.sort(chunks[c])  # ascending rows: sequential writes
-        out = enc.encode([texts[i] for i in idx], prompt=prompt, batch_size=cfg.batch_size, max_length=t.max_length)
+        out = enc.encode(
+            [texts[i] for i in idx],
+            prompt=prompt,
+            batch_size=cfg.batch_size,
+            max_length=t.max_length,
+            show_progress=None if rank() == 0 else False,  # one bar per chunk, from rank 0 only
+        )
         if cfg.embedding_dtype == "bfloat16":
             emb[idx] = out.to(torch.bfloat16).view(torch.int16).numpy()
         else:
