@@ -57,6 +57,7 @@ from prepare_data import (
     DataError,
     doc_id_lists,
     first_true,
+    jsonl_lines,
     parquet_schema,
     parse_jsonl_line,
     read_json,
@@ -330,21 +331,14 @@ def read_corpus_file(path: Path) -> list[str]:
 def read_jsonl(path: Path, corpus: str | None, keep_existing: bool) -> Task:
     """A prepare_data.py JSONL file; the pool = --corpus, then every pos / neg text not in it yet."""
     lines, queries, pos, neg = [], [], [], []
-    with open(path, "rb") as f:  # bytes, so that a decoding error names its line
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{n}: not UTF-8 ({e})") from e
-            if not line.strip():
-                continue
-            query, p, ng, _ = parse_jsonl_line(line, f"{path}:{n}")
-            if not p:
-                raise DataError(f"{path}:{n}: empty 'pos': nothing to mine against")
-            lines.append((n, json.loads(line)))
-            queries.append(query)
-            pos.append(p)
-            neg.append(ng)
+    for n, line in jsonl_lines(path):
+        query, p, ng, _ = parse_jsonl_line(line, f"{path}:{n}")
+        if not p:
+            raise DataError(f"{path}:{n}: empty 'pos': nothing to mine against")
+        lines.append((n, json.loads(line)))
+        queries.append(query)
+        pos.append(p)
+        neg.append(ng)
     if not lines:
         raise DataError(f"{path}: no queries")
     texts = read_corpus_file(Path(corpus)) if corpus else []

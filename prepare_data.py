@@ -770,30 +770,35 @@ def parse_jsonl_line(line: str, where: str) -> tuple[str, list[str], list[str], 
     return query, pos, neg, prompt
 
 
-def plan_jsonl(path: Path, cfg: Config, docs: DocIndex) -> Plan:
-    """One FlagEmbedding-style JSONL file: {"query": str, "pos": [str], "neg": [str], "prompt": str}."""
-    k = cfg.num_negatives
-    queries, refs, prompts = [], [], set()
-    skipped = 0
+def jsonl_lines(path: Path):
+    """(line number, text) of every non-blank line of a UTF-8 JSONL file, read line by line."""
     with open(path, "rb") as f:  # bytes, so that a decoding error names its line
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not UTF-8 ({e})") from e
-            if not line.strip():
-                continue
-            query, pos, neg, prompt = parse_jsonl_line(line, f"{path}:{lineno}")
-            if not pos or (k > 0 and not neg):
-                if not cfg.skip_invalid:
-                    empty = "pos" if not pos else "neg"
-                    raise DataError(f"{path}:{lineno}: empty {empty!r}; pass --skip-invalid to skip such queries")
-                skipped += 1
-                continue
-            prompts.add(prompt)
-            queries.append(with_prompt(prompt, query))
-            refs.append(pos[0])
-            refs.extend(neg[j % len(neg)] for j in range(k))
+            if line.strip():
+                yield lineno, line
+
+
+def plan_jsonl(path: Path, cfg: Config, docs: DocIndex) -> Plan:
+    """One FlagEmbedding-style JSONL file: {"query": str, "pos": [str], "neg": [str], "prompt": str}."""
+    k = cfg.num_negatives
+    queries, refs, prompts = [], [], set()
+    skipped = 0
+    for lineno, line in jsonl_lines(path):
+        query, pos, neg, prompt = parse_jsonl_line(line, f"{path}:{lineno}")
+        if not pos or (k > 0 and not neg):
+            if not cfg.skip_invalid:
+                empty = "pos" if not pos else "neg"
+                raise DataError(f"{path}:{lineno}: empty {empty!r}; pass --skip-invalid to skip such queries")
+            skipped += 1
+            continue
+        prompts.add(prompt)
+        queries.append(with_prompt(prompt, query))
+        refs.append(pos[0])
+        refs.extend(neg[j % len(neg)] for j in range(k))
     index, new_texts, _ = docs.assign(("<jsonl>", ""), pa.array(refs, type=pa.large_string()))
     return Plan(
         name=path.stem,
