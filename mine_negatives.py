@@ -38,8 +38,10 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -177,6 +179,35 @@ def world_size() -> int:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def check_shared_folder(folder: Path) -> None:
+    """The ranks hand embeddings over through files in `folder`: every rank must see what rank 0
+    writes there (on several nodes: a filesystem that every node mounts). Checked on every rank at
+    once before any work, so that all of them stop with the same message instead of some waiting."""
+    if world_size() == 1:
+        return
+    box = [None]
+    if rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        box = [f".shared-check-{secrets.token_hex(8)}"]
+        (folder / box[0]).write_text(socket.gethostname())
+    dist.broadcast_object_list(box, src=0)
+    probe = folder / box[0]
+    if os.environ.get("MINE_FAULT_UNSHARED_CACHE") and rank() != 0:  # the test of this check
+        probe = folder / "elsewhere" / box[0]
+    seen = [None] * world_size()
+    dist.all_gather_object(seen, (probe.is_file(), socket.gethostname()))
+    barrier()
+    if rank() == 0:
+        (folder / box[0]).unlink()
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        raise ValueError(
+            f"--cache-dir {folder}: {', '.join(blind)} cannot see the files rank 0 ({seen[0][1]}) writes there. "
+            "The ranks hand embeddings over through this folder: on several nodes, put --cache-dir on a "
+            "filesystem that every node mounts (e.g. NFS or Lustre)"
+        )
 
 
 def log0(*args) -> None:
@@ -893,12 +924,13 @@ def main(argv=None) -> int:
     device = init_distributed()
     t0 = time.perf_counter()
     check_output_free(cfg)
+    cache_root = Path(cfg.cache_dir or Path(cfg.output_dir) / ".embedding_cache")
+    check_shared_folder(cache_root)
     teachers = resolve_teachers(cfg)  # before reading or embedding anything: fail fast
     task = read_task(cfg)
     log0("config:", json.dumps(asdict(cfg)))
     log0(f"{task.name}: {task.num_queries:,} queries, {len(task.doc_texts):,} documents; {world_size()} rank(s)")
     seconds = {"read": round(time.perf_counter() - t0, 2), "embed": {}}
-    cache_root = Path(cfg.cache_dir or Path(cfg.output_dir) / ".embedding_cache")
     qs, ds, embed_info = [], [], []
     for t in teachers:
         enc, compute_dtype = load_teacher(t, cfg.dtype, device)

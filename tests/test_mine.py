@@ -330,6 +330,22 @@ def test_two_ranks_give_the_negatives_of_one(tmp_path, llama_tokenizer_path):
 
 
 @pytest.mark.slow
+def test_ranks_that_cannot_share_the_cache_folder_all_stop_with_a_message(tmp_path):
+    """On several nodes the cache folder must be on a shared filesystem; rank 1 made blind to it
+    (fault injection) -> both ranks stop before any work, status 2, the message says what to do."""
+    subset = small_subset(tmp_path / "raw" / "SciFact", num_queries=4, num_docs=20)
+    cmd = [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "mine_negatives.py")]
+    args = mine_cmd(subset, tmp_path / "no_teacher", tmp_path / "out", "--cache-dir", tmp_path / "cache")
+    res = subprocess.run(cmd + args, env=env(MINE_FAULT_UNSHARED_CACHE="1"), capture_output=True, text=True,
+                         timeout=300, start_new_session=True)  # fmt: skip
+    assert res.returncode != 0
+    err = res.stdout + res.stderr
+    assert err.count("rank 1 on ") == 2 and "cannot see the files rank 0" in err, err[-3000:]
+    assert "filesystem that every node mounts" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.slow
 def test_killed_during_embedding_resumes_without_redoing_chunks(tmp_path, llama_tokenizer_path):
     subset = small_subset(tmp_path / "raw" / "SciFact", num_queries=20, num_docs=120)
     teacher = save_tiny_llama(tmp_path / "tiny_llama")
