@@ -137,6 +137,7 @@ def test_mine_benchmark_compares_equal_embeddings_and_negatives(tmp_path):
     for e in result["embedding"]:
         assert e["min_cosine_between_the_two"] > 0.9999 and e["speedup"] > 0
         assert set(e["texts_per_s"]) == {"sentence-transformers", "mine_negatives"}
+        assert e["sentence_transformers_attention"] == "sdpa"  # the CPU: padded batches
     assert result["embedding"][1]["texts_at_max_length"] > result["embedding"][2]["texts_at_max_length"]
     search = result["search"]
     assert (search["queries"], search["docs"]) == (300, 5000)
