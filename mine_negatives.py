@@ -24,7 +24,8 @@ first missing chunk. Search is exact and in bounded memory: blocks of queries x 
 corpus with a running top-k.
 
 On 8 GPUs (one teacher replica per GPU; no ZeRO), two teachers downloaded to local folders
-(teachers are embedded as BiEncoder embeds: bidirectional attention, mean pooling):
+(each embedded as its sentence-transformers files say: mean, cls or last-token pooling, the model's
+own attention; a folder without them, e.g. a Llama base, as BiEncoder embeds: bidirectional, mean):
     deepspeed --num_gpus 8 mine_negatives.py --data embed_nemotron_dataset_v1/SciFact \
         --model teachers/llama-embed-nemotron-8b teachers/e5-large-v2 \
         --query-prompt $'Instruct: Given a claim, retrieve documents that support or refute it\\nQuery: ' 'query: ' \
@@ -432,6 +433,8 @@ class Teacher:
     passage_prompt: str
     max_length: int
     identity: str  # what the cache key knows of the weights
+    pooling: str = "mean"  # model.POOLINGS
+    bidirectional: bool = True  # False: the model's own attention (causal for a decoder)
 
 
 def teacher_identity(name: str) -> str:
@@ -444,6 +447,63 @@ def teacher_identity(name: str) -> str:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return f"{folder.resolve()}@{h.hexdigest()[:16]}"
+
+
+def st_pooling(name: str, folder: Path) -> tuple[str, bool]:
+    """(pooling, bidirectional) of a teacher: what its sentence-transformers files say, so that the
+    miner embeds it as sentence-transformers would. A folder without modules.json (a base model, a
+    plain encoder): mean pooling, bidirectional (BiEncoder's way). An export of this project (or
+    llama-embed-nemotron-8b) is bidirectional by its config; any other model keeps its own
+    attention, as sentence-transformers runs it (a BERT-family encoder: bidirectional; e5-mistral,
+    Qwen3-Embedding: causal, last token). Anything else is refused: embedding it another way would
+    give wrong negatives without a word."""
+    from model.biencoder import is_export
+
+    if not (folder / "modules.json").is_file():
+        return "mean", True
+    modules = json.loads((folder / "modules.json").read_text())  # a list of {idx, name, path, type}
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ValueError(f"--model {name}: {folder / 'modules.json'} is not a sentence-transformers module list")
+    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
+    pooling_modules = [m for m in modules if m.get("type", "").endswith("Pooling")]
+    other = [k for k in kinds if k not in ("Transformer", "Pooling", "Normalize")]
+    if other or len(pooling_modules) != 1 or kinds[0] != "Transformer":
+        raise ValueError(
+            f"--model {name}: its sentence-transformers modules are {' -> '.join(kinds)}; the miner embeds "
+            "Transformer -> Pooling [-> Normalize] models only (no Dense or other layers)"
+        )
+    cfg = read_json(folder / pooling_modules[0].get("path", "") / "config.json")
+    mode = cfg.get("pooling_mode")  # sentence-transformers >= 6; before: one pooling_mode_<x>_tokens flag each
+    if mode is None:
+        legacy = {"cls_token": "cls", "mean_tokens": "mean", "lasttoken": "lasttoken"}
+        flags = [k.removeprefix("pooling_mode_") for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
+        mode = [legacy.get(f, f) for f in flags]
+    modes = [mode] if isinstance(mode, str) else list(mode)
+    if len(modes) != 1 or modes[0] not in ("mean", "cls", "lasttoken"):
+        raise ValueError(
+            f"--model {name}: pooling {'+'.join(modes) or 'none'} in its sentence-transformers config; the miner "
+            "embeds with one of mean, cls, lasttoken"
+        )
+    if cfg.get("include_prompt") is False:
+        raise ValueError(
+            f"--model {name}: its pooling leaves the prompt's tokens out (include_prompt false); the miner "
+            "pools over every token: not supported"
+        )
+    return modes[0], is_export(str(folder))
+
+
+def st_max_seq_length(folder: Path) -> int | None:
+    """A sentence-transformers folder's max_seq_length: sentence_bert_config.json (sentence-transformers
+    < 6), else its tokenizer's model_max_length (>= 6 keeps it there); None for other folders."""
+    if (folder / "sentence_bert_config.json").is_file():
+        stored = read_json(folder / "sentence_bert_config.json").get("max_seq_length")
+        if stored:
+            return int(stored)
+    if (folder / "modules.json").is_file() and (folder / "tokenizer_config.json").is_file():
+        stored = read_json(folder / "tokenizer_config.json").get("model_max_length")
+        if isinstance(stored, int) and stored < 10**6:  # transformers writes ~1e30 for "no limit"
+            return stored
+    return None
 
 
 def resolve_teacher(name: str, query_prompt: str | None, passage_prompt: str | None, max_length: int | None) -> Teacher:
@@ -460,11 +520,15 @@ def resolve_teacher(name: str, query_prompt: str | None, passage_prompt: str | N
     if folder.exists() and not (folder / "config.json").is_file():
         raise ValueError(f"--model {name}: no config.json there; a teacher is a Hugging Face model folder or export")
     config = load_pretrained(load_config, name, "--model", "model config")
-    prompts, length = {}, DEFAULT_MAX_LENGTH
+    if not folder.is_dir():  # a hub name: its small files (configs, sentence-transformers modules)
+        from huggingface_hub import snapshot_download
+
+        folder = Path(load_pretrained(lambda n: snapshot_download(n, allow_patterns=["*.json"]), name, "--model"))
+    pooling, bidirectional = st_pooling(name, folder)
+    prompts = {}
     if (folder / "config_sentence_transformers.json").is_file():
         prompts = read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
-    if (folder / "sentence_bert_config.json").is_file():
-        length = read_json(folder / "sentence_bert_config.json").get("max_seq_length") or length
+    length = st_max_seq_length(folder) or DEFAULT_MAX_LENGTH
     named = sorted(k for k in prompts if k.endswith("-query"))
     if query_prompt is None and "query" not in prompts and named:
         raise ValueError(
@@ -486,7 +550,9 @@ def resolve_teacher(name: str, query_prompt: str | None, passage_prompt: str | N
     length = int(max_length or length)
     if getattr(config, "max_position_embeddings", None):  # as BiEncoder.encode caps it
         length = min(length, config.max_position_embeddings)
-    return Teacher(name, resolved["query"], resolved["document"], length, teacher_identity(name))
+    return Teacher(
+        name, resolved["query"], resolved["document"], length, teacher_identity(name), pooling, bidirectional
+    )
 
 
 def resolve_teachers(cfg: MineConfig) -> list[Teacher]:
@@ -504,7 +570,11 @@ def load_teacher(t: Teacher, dtype: str, device: torch.device):
 
     torch_dtype = COMPUTE[("bfloat16" if device.type == "cuda" else "float32") if dtype == "auto" else dtype]
     try:
-        enc = load_pretrained(lambda n: BiEncoder.from_pretrained(n, dtype=torch_dtype), t.name, "--model")
+        enc = load_pretrained(
+            lambda n: BiEncoder.from_pretrained(n, dtype=torch_dtype, pooling=t.pooling, bidirectional=t.bidirectional),
+            t.name,
+            "--model",
+        )
     except (KeyError, RuntimeError) as e:  # e.g. weights that do not fit the config
         raise ValueError(f"--model {t.name}: cannot load it as a bi-encoder ({type(e).__name__}: {e})") from e
     return enc.to(device).eval(), torch_dtype
@@ -546,6 +616,8 @@ def embed_cached(
     key_fields = {
         "version": CACHE_VERSION,
         "teacher": t.identity,
+        "pooling": t.pooling,
+        "bidirectional": t.bidirectional,
         "prompt": prompt,
         "max_length": t.max_length,
         "texts": texts_digest(texts),
@@ -934,8 +1006,9 @@ def main(argv=None) -> int:
     qs, ds, embed_info = [], [], []
     for t in teachers:
         enc, compute_dtype = load_teacher(t, cfg.dtype, device)
+        attention = "bidirectional" if t.bidirectional else "the model's own (causal for a decoder)"
         log0(f"teacher {t.name}: query prompt {t.query_prompt!r}, passage prompt {t.passage_prompt!r}, "
-             f"max length {t.max_length}, {compute_dtype}")  # fmt: skip
+             f"max length {t.max_length}, {t.pooling} pooling, {attention} attention, {compute_dtype}")  # fmt: skip
         d, d_info = embed_cached(enc, t, compute_dtype, task.doc_texts, "corpus", cfg, cache_root)
         q, q_info = embed_cached(enc, t, compute_dtype, task.query_texts, "queries", cfg, cache_root)
         del enc

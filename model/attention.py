@@ -6,7 +6,8 @@ attention layer of a Llama- or BERT-family model calls it:
 - padded batch (``cu_seqlens`` not given): PyTorch SDPA with the padding mask and
   ``is_causal=False``;
 - packed batch (``cu_seqlens`` given, shape (S+1,), cumulative segment lengths of one
-  (1, T) sequence): each segment attends only to itself. On CUDA this runs a variable-length
+  (1, T) sequence): each segment attends only to itself (and, for a model kept causal, as a
+  teacher of the miner may be, only to its earlier tokens). On CUDA this runs a variable-length
   flash kernel (flash-attn's ``flash_attn_varlen_func`` when installed, else torch's
   ``torch.nn.attention.varlen.varlen_attn``); elsewhere (CPU, fp32) SDPA segment by segment,
   which computes the same thing.
@@ -26,21 +27,22 @@ ATTN_IMPLEMENTATION = "biencoder"
 
 def adapt_varlen(fn) -> "callable":
     """Wrap a torch-style `varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, ...)` so that it computes
-    non-causal attention with the given scale and grouped KV heads, passing only the keyword
-    arguments the function has. Its signature changed between torch releases: 2.10 has `is_causal`
+    non-causal (or causal) attention with the given scale and grouped KV heads, passing only the
+    keyword arguments the function has. Its signature changed between torch releases: 2.10 has `is_causal`
     and no `scale`, 2.11 adds `scale` and `window_size`, later releases add `enable_gqa`.
 
-    The returned run(q (T, H, d), k (T, Hkv, d), v, cu_seqlens (S+1,), max_len, scale) -> (T, H, d).
+    The returned run(q (T, H, d), k (T, Hkv, d), v, cu_seqlens (S+1,), max_len, scale, causal) -> (T, H, d).
     """
     params = inspect.signature(fn).parameters
-    fixed = {}
-    if "window_size" in params:
-        fixed["window_size"] = (-1, -1)  # (-1, -1) = no window: full, non-causal attention
-    if "is_causal" in params:
-        fixed["is_causal"] = False
 
-    def run(q, k, v, cu, max_len, scale):
-        extra = dict(fixed)
+    def run(q, k, v, cu, max_len, scale, causal=False):
+        extra = {}
+        if "is_causal" in params:
+            extra["is_causal"] = causal
+        elif causal and "window_size" not in params:
+            raise NotImplementedError(f"{fn.__name__} has neither is_causal nor window_size: no causal attention")
+        if "window_size" in params:  # (left, right): (-1, -1) no window, (-1, 0) causal
+            extra["window_size"] = (-1, 0) if causal and "is_causal" not in params else (-1, -1)
         if scale is not None:
             if "scale" in params:
                 extra["scale"] = scale
@@ -64,8 +66,8 @@ def _varlen_kernel() -> tuple:
     try:
         from flash_attn import flash_attn_varlen_func
 
-        def run(q, k, v, cu, max_len, scale):  # flash-attn handles GQA itself
-            return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=False)
+        def run(q, k, v, cu, max_len, scale, causal=False):  # flash-attn handles GQA itself
+            return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=causal)
 
         return "flash-attn flash_attn_varlen_func", run
     except ImportError:
@@ -83,15 +85,15 @@ def packed_kernel_name() -> str:
     return _varlen_kernel()[0]
 
 
-def packed_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout=0.0):
-    """Block-diagonal non-causal attention over packed segments.
+def packed_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout=0.0, causal=False):
+    """Block-diagonal attention over packed segments: non-causal, or causal within each segment.
 
     q: (T, H, d), k and v: (T, Hkv, d), cu_seqlens: (S+1,) int32 -> (T, H, d)
     """
     fast = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0
     kernel = _varlen_kernel()[1] if fast else None
     if kernel is not None:
-        return kernel(q, k, v, cu_seqlens, max_seqlen, scale)
+        return kernel(q, k, v, cu_seqlens, max_seqlen, scale, causal)
     # Reference path (CPU, fp32, attention dropout as BERT-family encoders train with): plain
     # SDPA per segment; no padding and no T x T mask. Heads first, (H, T, d): the caller's layout,
     # so a segment is a slice with contiguous rows (SDPA on the (T, H, d) view's strides was ~100x
@@ -109,7 +111,7 @@ def packed_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout=0.0):
             j += 1
         a, b = bounds[i], bounds[j]
         seg = [x[:, a:b].unflatten(1, (j - i, L)).transpose(0, 1) for x in (qh, kh, vh)]  # (n, H, L, d)
-        o = F.scaled_dot_product_attention(*seg, dropout_p=dropout, scale=scale)
+        o = F.scaled_dot_product_attention(*seg, dropout_p=dropout, scale=scale, is_causal=causal)
         out.append(o.transpose(0, 1).flatten(1, 2))  # (H, n * L, d)
         i = j
     return torch.cat(out, dim=1).transpose(0, 1)  # (T, H, d)
@@ -117,18 +119,22 @@ def packed_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout=0.0):
 
 def biencoder_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention interface: query (B, H, L, d), key/value (B, Hkv, L, d) -> (B, L, H, d)."""
+    # Non-causal unless the module is still causal: BiEncoder makes every module non-causal; only a
+    # model loaded with bidirectional=False (a causal teacher of the miner) keeps its own mask.
+    causal = bool(getattr(module, "is_causal", False))
     cu_seqlens = kwargs.get("cu_seqlens")
+    kwargs.pop("is_causal", None)
     if cu_seqlens is None:
-        # Padded batch. is_causal=False is passed explicitly: transformers' SDPA wrapper falls back
-        # to the module's own `is_causal` (True for Llama) whenever the mask is None, i.e. when a
-        # batch has no padding.
-        kwargs.pop("is_causal", None)
+        # Padded batch. is_causal is passed explicitly: transformers' SDPA wrapper falls back to the
+        # module's own `is_causal` (True for Llama) whenever the mask is None, i.e. when a batch has
+        # no padding. A causal model's padding mask is already causal.
+        is_causal = causal and attention_mask is None
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     assert query.shape[0] == 1, "a packed batch is one (1, T) sequence"
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, d)
-    out = packed_attention(q, k, v, cu_seqlens, kwargs["max_seqlen"], scaling, dropout)
+    out = packed_attention(q, k, v, cu_seqlens, kwargs["max_seqlen"], scaling, dropout, causal)
     return out.unsqueeze(0), None
 
 

@@ -11,6 +11,10 @@ Two forwards give the same embeddings:
   RoPE / absolute positions restarting at each segment, attention block-diagonal.
 - ``forward_padded(input_ids, attention_mask)``: the reference, (B, L) with a padding mask
   (left or right padding).
+
+For the miner's teachers, ``BiEncoder(encoder, pooling="cls" | "lasttoken", bidirectional=False)``
+embeds a model the way its sentence-transformers configuration says (e.g. a causal decoder with
+last-token pooling, as e5-mistral and Qwen3-Embedding are); training always uses the defaults.
 """
 
 import json
@@ -69,6 +73,18 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(torch.float32).unsqueeze(-1)
     summed = (hidden.float() * mask).sum(dim=1)
     return F.normalize(summed / mask.sum(dim=1).clamp(min=1.0), dim=-1)
+
+
+POOLINGS = ("mean", "cls", "lasttoken")
+
+
+def segment_pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """One vector per packed segment, in fp32, L2-normalised: the mean of its tokens, its first token
+    (cls) or its last token (lasttoken). (T, D), (S+1,) -> (S, D)"""
+    if pooling == "mean":
+        return segment_mean_pool(hidden, cu_seqlens)
+    rows = cu_seqlens[:-1] if pooling == "cls" else cu_seqlens[1:] - 1
+    return F.normalize(hidden[rows.long()].float(), dim=-1)
 
 
 def segment_mean_pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -247,23 +263,29 @@ class BiEncoder(nn.Module):
     >>> emb = enc.encode(["text"], prompt="Instruct: ...\\nQuery: ")  # (n, d) float32
     """
 
-    def __init__(self, encoder: nn.Module, tokenizer=None):
+    def __init__(self, encoder: nn.Module, tokenizer=None, pooling: str = "mean", bidirectional: bool = True):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         # The project's attention: non-causal SDPA for padded batches, block-diagonal varlen
         # attention for packed ones. Other implementations would ignore the packing.
         encoder.set_attn_implementation(ATTN_IMPLEMENTATION)
-        self.encoder = make_bidirectional(encoder)
+        # bidirectional=False keeps the model's own attention (causal for a decoder): teachers only.
+        self.encoder = make_bidirectional(encoder) if bidirectional else encoder
+        self.pooling = pooling
         self.encoder.config.use_cache = False  # an encoder: no KV cache
         self.tokenizer = tokenizer
         # Absolute position embeddings (BERT) have a hard limit; RoPE models have none.
         self.max_positions = getattr(encoder.config, "max_position_embeddings", None)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=torch.float32, tokenizer: bool = True, **kwargs) -> "BiEncoder":
-        encoder = load_encoder(str(path), dtype=dtype, **kwargs)
+    def from_pretrained(
+        cls, path: str, dtype=torch.float32, tokenizer: bool = True, pooling: str = "mean", bidirectional: bool = True
+    ) -> "BiEncoder":
+        encoder = load_encoder(str(path), dtype=dtype)
         # The tokenizer files are plain; never run (or ask about) an export's remote code for them.
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False) if tokenizer else None
-        return cls(encoder, tok)
+        return cls(encoder, tok, pooling, bidirectional)
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """Packed forward: input_ids (T,), cu_seqlens (S+1,) int32 -> (S, D) float32, L2-normalised."""
@@ -275,10 +297,12 @@ class BiEncoder(nn.Module):
             cu_seqlens=cu_seqlens,
             max_seqlen=max_seqlen,
         )
-        return segment_mean_pool(out.last_hidden_state[0], cu_seqlens)
+        return segment_pool(out.last_hidden_state[0], cu_seqlens, self.pooling)
 
     def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Padded forward: (B, L), (B, L) with 1 = token, 0 = pad -> (B, D) float32, L2-normalised."""
+        if self.pooling != "mean":
+            raise NotImplementedError("forward_padded pools by mean only; use the packed forward (encode)")
         # Positions count real tokens only, so left and right padding give the same embeddings
         # (and absolute-position encoders such as BERT see what the packed path shows them).
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -295,6 +295,109 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
+# Teachers embedded as their sentence-transformers files say (the paper's teachers, e5-mistral and
+# Qwen3-Embedding, are causal decoders with last-token pooling); sentence-transformers is the reference
+
+TEACHER_TEXTS = [
+    "a", "short text", "Vitamin D deficiency is associated with a higher risk of fractures in older adults.",
+    "Ribosomes " * 60, "The protein folds.", "Mitochondria are the powerhouse of the cell; " * 3, "q: 42",
+]  # fmt: skip
+
+
+def st_teacher(dst: Path, base: Path, pooling: str, max_seq_length: int = 64) -> Path:
+    """A sentence-transformers folder: Transformer(base) -> Pooling(pooling) -> Normalize."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    tr = Transformer(str(base), max_seq_length=max_seq_length)
+    modules = [tr, Pooling(tr.get_embedding_dimension(), pooling), Normalize()]
+    SentenceTransformer(modules=modules, device="cpu").save(str(dst))
+    return dst
+
+
+def teacher_vs_sentence_transformers(folder: Path) -> tuple[mn.Teacher, torch.Tensor]:
+    """(the resolved teacher, per-text cosine between the miner's embeddings and sentence-transformers')."""
+    from sentence_transformers import SentenceTransformer
+
+    t = mn.resolve_teacher(str(folder), None, None, None)
+    enc, _ = mn.load_teacher(t, "float32", torch.device("cpu"))
+    ours = enc.encode(TEACHER_TEXTS, batch_size=3, max_length=t.max_length)  # packed, sorted by length
+    ref = SentenceTransformer(str(folder), device="cpu").encode(TEACHER_TEXTS, batch_size=4, convert_to_tensor=True)
+    return t, (ours * ref.float()).sum(-1)
+
+
+def test_causal_last_token_teacher_is_embedded_as_sentence_transformers_does(tmp_path, llama_tokenizer_path):
+    """A decoder with last-token pooling (e5-mistral's and Qwen3-Embedding's kind): a tiny random Qwen3
+    stays causal and is pooled at each text's last token, packed; equal to sentence-transformers' padded
+    batches. Made bidirectional with mean pooling (the old way) it would be another model."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(llama_tokenizer_path)
+    tok.pad_token = "<|end_of_text|>"
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16)
+    config = Qwen3Config(vocab_size=len(tok), num_key_value_heads=2, max_position_embeddings=256, **shape)
+    Qwen3Model(config).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    folder = st_teacher(tmp_path / "qwen3_st", tmp_path / "base", "lasttoken")
+    t, cos = teacher_vs_sentence_transformers(folder)
+    assert (t.pooling, t.bidirectional, t.max_length) == ("lasttoken", False, 64)
+    assert cos.min() > 0.99999, cos
+    from model import BiEncoder
+
+    old_way = BiEncoder.from_pretrained(str(folder)).encode(TEACHER_TEXTS, batch_size=3, max_length=64)
+    new_way = mn.load_teacher(t, "float32", torch.device("cpu"))[0].encode(TEACHER_TEXTS, max_length=64)
+    assert (old_way * new_way).sum(-1).min() < 0.99  # the check above can fail
+
+
+def test_cls_teacher_and_refused_sentence_transformers_configs(tmp_path):
+    """A BERT-family teacher with CLS pooling equals sentence-transformers; what the miner cannot
+    embed as the teacher's files say (max pooling, prompt tokens left out, a Dense layer) is refused."""
+    folder = st_teacher(tmp_path / "minilm_cls", minilm_dir(), "cls")
+    t, cos = teacher_vs_sentence_transformers(folder)
+    assert (t.pooling, t.bidirectional) == ("cls", False)
+    assert cos.min() > 0.99999, cos
+    pooling_cfg = folder / "1_Pooling" / "config.json"
+    cfg = json.loads(pooling_cfg.read_text())
+    for change, message in (
+        ({"pooling_mode": "max"}, "pooling max in its sentence-transformers config"),
+        ({"pooling_mode": ["mean", "cls"]}, r"pooling mean\+cls"),
+        ({"pooling_mode": "mean", "include_prompt": False}, "leaves the prompt's tokens out"),
+    ):
+        pooling_cfg.write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(ValueError, match=message):
+            mn.resolve_teacher(str(folder), None, None, None)
+    pooling_cfg.write_text(json.dumps(cfg))
+    modules = json.loads((folder / "modules.json").read_text())
+    dense = {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}
+    (folder / "modules.json").write_text(json.dumps(modules + [dense]))
+    with pytest.raises(ValueError, match="Transformer -> Pooling -> Normalize -> Dense; the miner embeds"):
+        mn.resolve_teacher(str(folder), None, None, None)
+    # all-MiniLM-L6-v2 as shipped: the old-style pooling_mode_mean_tokens flag, mean pooling
+    shipped = mn.resolve_teacher(str(minilm_dir()), None, None, None)
+    assert (shipped.pooling, shipped.bidirectional) == ("mean", False)
+
+
+def test_llama_export_teacher_stays_bidirectional_with_mean_pooling(tmp_path, llama_tokenizer_path):
+    """An export of this project (and llama-embed-nemotron-8b: model_type llama_bidirec, mean pooling
+    in its sentence-transformers files) is embedded bidirectionally; a plain decoder with the same
+    files keeps its causal attention, as sentence-transformers would run it."""
+    import export_hf
+
+    folder = save_tiny_llama(tmp_path / "export")
+    export_hf.write_sentence_transformers(folder, 64, {"query": "", "document": ""}, 48)
+    plain = mn.resolve_teacher(str(folder), None, None, None)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama_bidirec"}))
+    export = mn.resolve_teacher(str(folder), None, None, None)
+    assert (export.pooling, export.bidirectional, export.max_length) == ("mean", True, 48)
+    assert (plain.pooling, plain.bidirectional) == ("mean", False)
+    enc, _ = mn.load_teacher(export, "float32", torch.device("cpu"))
+    attention = [m for m in enc.modules() if hasattr(m, "is_causal")]
+    assert attention and not any(m.is_causal for m in attention)
+
+
+# ----------------------------------------------------------------------------------------------
 # Ranks and resume (subprocesses: a tiny random Llama teacher with the real Llama-3 tokenizer)
 
 

@@ -201,7 +201,7 @@ def varlen_torch_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, re
 
 
 @pytest.mark.parametrize("fn", [varlen_torch_2_10, varlen_torch_2_11, varlen_torch_2_13])
-def test_varlen_adapter_gives_non_causal_scaled_gqa_attention_on_every_signature(fn):
+def test_varlen_adapter_gives_scaled_gqa_attention_causal_or_not_on_every_signature(fn):
     from model.attention import adapt_varlen, packed_attention
 
     torch.manual_seed(0)
@@ -220,4 +220,8 @@ def test_varlen_adapter_gives_non_causal_scaled_gqa_attention_on_every_signature
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         causal = _segments_reference(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), cu, scale, True)
         assert not torch.allclose(got, causal, atol=1e-3)  # and it is not the causal result
+        # causal (a teacher kept causal by the miner): the kernel, the CPU path and the reference agree
+        got_causal = adapt_varlen(spy)(q, k, v, cu, 7, scale, True)
+        torch.testing.assert_close(got_causal, causal, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed_attention(q, k, v, cu, 7, scale, causal=True), causal, rtol=1e-5, atol=1e-5)
     assert all(set(c) <= set(inspect.signature(fn).parameters) for c in calls)
