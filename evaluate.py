@@ -59,10 +59,10 @@ from tqdm.auto import tqdm
 
 from common import load_pretrained, run_cli, write_atomic
 from model import BiEncoder
+from model.biencoder import DEFAULT_MAX_LENGTH, model_files, stored_max_length, stored_prompts
 
 METRICS = ("NDCG@10", "Recall@10", "Recall@100", "MRR@10")
 TOP_K = 100  # documents retrieved per query: the largest cutoff in METRICS
-DEFAULT_MAX_LENGTH = 512  # tokens, when the model folder has no sentence_bert_config.json
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -213,13 +213,6 @@ def load_beir(beir_dir: str | Path, split: str = "test") -> dict:
 # Model settings stored in the export
 
 
-def stored_prompts(model_dir: str | Path | None) -> dict[str, str]:
-    """config_sentence_transformers.json's prompts: an export stores the training data's exact strings,
-    "query" / "document" when every subset had the same, "<subset>-query" / "<subset>-document" always."""
-    st_config = Path(model_dir or "") / "config_sentence_transformers.json"
-    return (json.loads(st_config.read_text()).get("prompts") or {}) if model_dir and st_config.is_file() else {}
-
-
 def resolve_settings(
     model_dir: str | Path | None,
     replicas: list[BiEncoder],
@@ -228,14 +221,12 @@ def resolve_settings(
     max_length: int | None,
     prompt_name: str | None = None,
 ) -> tuple[str, str, int]:
-    """Fill what was not given (None) from the model folder, as sentence-transformers stores it:
-    the prompts "<prompt_name>-query" / "-document" (or "query" / "document"; else no prompt) and
-    sentence_bert_config.json's max_seq_length (else 512), capped by the model's positions."""
-    prompts, default_length = stored_prompts(model_dir), DEFAULT_MAX_LENGTH
-    if model_dir is not None:
-        sbert_config = Path(model_dir) / "sentence_bert_config.json"
-        if sbert_config.is_file():
-            default_length = json.loads(sbert_config.read_text()).get("max_seq_length") or default_length
+    """Fill what was not given (None) from the model folder (a hub name: its fetched JSON files), as
+    sentence-transformers stores it: the prompts "<prompt_name>-query" / "-document" (or "query" /
+    "document"; else no prompt) and its max_seq_length (else 512), capped by the model's positions."""
+    folder = None if model_dir is None else load_pretrained(model_files, str(model_dir), "--model")
+    prompts = stored_prompts(folder) if folder else {}
+    default_length = (stored_max_length(folder) if folder else None) or DEFAULT_MAX_LENGTH
     prefix = "" if prompt_name is None else f"{prompt_name}-"
     query_key, doc_key = f"{prefix}query", f"{prefix}document"
     if prompt_name is not None and query_key not in prompts and doc_key not in prompts:
@@ -254,7 +245,8 @@ def load_replicas(path: str | Path, device: str, dtype: str) -> list[BiEncoder]:
     if Path(path).exists() and not (Path(path) / "config.json").is_file():  # else: a hub name
         raise ValueError(f"{path}/config.json not found: --model must be a Hugging Face model folder or an export")
     devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if device == "cuda" else ["cpu"]
-    enc = load_pretrained(lambda name: BiEncoder.from_pretrained(name, dtype=DTYPES[dtype]), str(path), "--model")
+    # embedded as its sentence-transformers files say (pooling, attention): any embedding model
+    enc = load_pretrained(lambda name: BiEncoder.from_stored(name, dtype=DTYPES[dtype]), str(path), "--model")
     # Copies first, from the CPU original, so no GPU holds two models at once.
     return [copy.deepcopy(enc).to(d) for d in devices[1:]] + [enc.to(devices[0])]
 
@@ -547,7 +539,8 @@ def main(argv: list[str] | None = None) -> dict:
         print_table(result)
     if args.mteb:
         chosen = args.query_prompt is not None or args.doc_prompt is not None or args.prompt_name is not None
-        task_prompts = {} if chosen else stored_prompts(args.model)  # else each task's own, where stored
+        stored = stored_prompts(load_pretrained(model_files, args.model, "--model"))
+        task_prompts = {} if chosen else stored  # else each task's own, where stored
         tasks = mteb.get_tasks(tasks=args.mteb)
         scores = run_mteb(replicas, tasks, query_prompt, doc_prompt, args.batch_size, max_length, task_prompts)
         for name, score in scores.items():

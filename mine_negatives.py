@@ -63,14 +63,12 @@ from prepare_data import (
     jsonl_lines,
     parquet_schema,
     parse_jsonl_line,
-    read_json,
     read_parquet,
     string_ids,
     subset_files,
     subset_metadata,
 )
 
-DEFAULT_MAX_LENGTH = 512  # tokens, when a teacher has no sentence_bert_config.json
 CACHE_VERSION = 1
 # Storage dtypes of the cached embeddings. numpy has no bfloat16: its bits are stored as int16.
 STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
@@ -449,63 +447,6 @@ def teacher_identity(name: str) -> str:
     return f"{folder.resolve()}@{h.hexdigest()[:16]}"
 
 
-def st_pooling(name: str, folder: Path) -> tuple[str, bool]:
-    """(pooling, bidirectional) of a teacher: what its sentence-transformers files say, so that the
-    miner embeds it as sentence-transformers would. A folder without modules.json (a base model, a
-    plain encoder): mean pooling, bidirectional (BiEncoder's way). An export of this project (or
-    llama-embed-nemotron-8b) is bidirectional by its config; any other model keeps its own
-    attention, as sentence-transformers runs it (a BERT-family encoder: bidirectional; e5-mistral,
-    Qwen3-Embedding: causal, last token). Anything else is refused: embedding it another way would
-    give wrong negatives without a word."""
-    from model.biencoder import is_export
-
-    if not (folder / "modules.json").is_file():
-        return "mean", True
-    modules = json.loads((folder / "modules.json").read_text())  # a list of {idx, name, path, type}
-    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
-        raise ValueError(f"--model {name}: {folder / 'modules.json'} is not a sentence-transformers module list")
-    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
-    pooling_modules = [m for m in modules if m.get("type", "").endswith("Pooling")]
-    other = [k for k in kinds if k not in ("Transformer", "Pooling", "Normalize")]
-    if other or len(pooling_modules) != 1 or kinds[0] != "Transformer":
-        raise ValueError(
-            f"--model {name}: its sentence-transformers modules are {' -> '.join(kinds)}; the miner embeds "
-            "Transformer -> Pooling [-> Normalize] models only (no Dense or other layers)"
-        )
-    cfg = read_json(folder / pooling_modules[0].get("path", "") / "config.json")
-    mode = cfg.get("pooling_mode")  # sentence-transformers >= 6; before: one pooling_mode_<x>_tokens flag each
-    if mode is None:
-        legacy = {"cls_token": "cls", "mean_tokens": "mean", "lasttoken": "lasttoken"}
-        flags = [k.removeprefix("pooling_mode_") for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
-        mode = [legacy.get(f, f) for f in flags]
-    modes = [mode] if isinstance(mode, str) else list(mode)
-    if len(modes) != 1 or modes[0] not in ("mean", "cls", "lasttoken"):
-        raise ValueError(
-            f"--model {name}: pooling {'+'.join(modes) or 'none'} in its sentence-transformers config; the miner "
-            "embeds with one of mean, cls, lasttoken"
-        )
-    if cfg.get("include_prompt") is False:
-        raise ValueError(
-            f"--model {name}: its pooling leaves the prompt's tokens out (include_prompt false); the miner "
-            "pools over every token: not supported"
-        )
-    return modes[0], is_export(str(folder))
-
-
-def st_max_seq_length(folder: Path) -> int | None:
-    """A sentence-transformers folder's max_seq_length: sentence_bert_config.json (sentence-transformers
-    < 6), else its tokenizer's model_max_length (>= 6 keeps it there); None for other folders."""
-    if (folder / "sentence_bert_config.json").is_file():
-        stored = read_json(folder / "sentence_bert_config.json").get("max_seq_length")
-        if stored:
-            return int(stored)
-    if (folder / "modules.json").is_file() and (folder / "tokenizer_config.json").is_file():
-        stored = read_json(folder / "tokenizer_config.json").get("model_max_length")
-        if isinstance(stored, int) and stored < 10**6:  # transformers writes ~1e30 for "no limit"
-            return stored
-    return None
-
-
 def resolve_teacher(name: str, query_prompt: str | None, passage_prompt: str | None, max_length: int | None) -> Teacher:
     """Prompts and max length of a teacher: the flags, else its sentence-transformers files.
 
@@ -514,21 +455,23 @@ def resolve_teacher(name: str, query_prompt: str | None, passage_prompt: str | N
     (mining with no prompt would not be how it was trained), and a prompt that differs from the
     stored one only by surrounding whitespace (almost surely the instruction without its space).
     """
-    from model import load_config
+    from model.biencoder import (
+        DEFAULT_MAX_LENGTH,
+        load_config,
+        model_files,
+        stored_max_length,
+        stored_pooling,
+        stored_prompts,
+    )
 
     folder = Path(name)
     if folder.exists() and not (folder / "config.json").is_file():
         raise ValueError(f"--model {name}: no config.json there; a teacher is a Hugging Face model folder or export")
     config = load_pretrained(load_config, name, "--model", "model config")
-    if not folder.is_dir():  # a hub name: its small files (configs, sentence-transformers modules)
-        from huggingface_hub import snapshot_download
-
-        folder = Path(load_pretrained(lambda n: snapshot_download(n, allow_patterns=["*.json"]), name, "--model"))
-    pooling, bidirectional = st_pooling(name, folder)
-    prompts = {}
-    if (folder / "config_sentence_transformers.json").is_file():
-        prompts = read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
-    length = st_max_seq_length(folder) or DEFAULT_MAX_LENGTH
+    folder = load_pretrained(model_files, name, "--model")
+    pooling, bidirectional = stored_pooling(name, folder)
+    prompts = stored_prompts(folder)
+    length = stored_max_length(folder) or DEFAULT_MAX_LENGTH
     named = sorted(k for k in prompts if k.endswith("-query"))
     if query_prompt is None and "query" not in prompts and named:
         raise ValueError(

@@ -67,7 +67,7 @@ def bench_embedding(args, texts: list[str], max_length: int, device: str) -> dic
         args.model, device=device, model_kwargs={"dtype": dtype, "attn_implementation": st_attention(args, device)}
     )
     st.max_seq_length = max_length
-    enc = BiEncoder.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    enc = BiEncoder.from_stored(args.model, dtype=dtype).to(device).eval()  # as the miner embeds it
     teacher = mn.Teacher(args.model, "", "", max_length, "bench")
     cfg = mn.MineConfig(batch_size=args.batch_size, chunk_size=args.chunk_size)
     warm = texts[: 2 * args.batch_size]  # first calls: kernels, allocator, thread pools

@@ -9,6 +9,9 @@ Out: one line per check on stdout, `CHECK <name> PASS|FAIL|SKIP <detail>`, and e
 - bidirectional: on that same packed bf16 path, changing the LAST token of a segment changes the
                  output at its FIRST token (no causal mask), and leaves the other segment untouched
                  (block-diagonal attention).
+- causal_teacher: the packed path kept causal with last-token pooling (mine_negatives.py's teachers
+                 such as e5-mistral, Qwen3-Embedding): the first token does not move when the last
+                 one changes, and each embedding equals a causal forward of its text alone.
 
 bench/run_gpu.sh runs it with the other checks (packed == padded, RoPE, resume, export):
     python bench/gpu_check.py                  # on a GPU
@@ -117,6 +120,25 @@ def main(argv=None) -> int:
     detail = f"first token moved {first_moved:.3g}, other segment moved {other_moved:.3g}"
     # exactly 0 expected; a leak across segments would move the other one about as much as the first token
     ok &= report("bidirectional", "PASS" if first_moved > 1e-3 and other_moved < 0.1 * first_moved else "FAIL", detail)
+
+    # causal_teacher: the packed path kept causal with last-token pooling (the miner's e5-mistral /
+    # Qwen3-Embedding kind of teacher): a token never sees later ones, and each text's embedding equals
+    # a plain causal forward of that text alone (transformers' SDPA, another kernel)
+    torch.manual_seed(0)
+    with device:
+        cfg = llama_config(args.shape)
+        teacher = BiEncoder(LlamaModel._from_config(cfg, dtype=dtype), pooling="lasttoken", bidirectional=False)
+    teacher = teacher.to(device).eval()
+    with torch.no_grad():
+        packed = teacher(*pack([a, b], device))
+        alone = torch.stack([teacher.encoder(input_ids=torch.tensor([s], device=device)).last_hidden_state[0, -1]
+                             for s in (a, b)])  # fmt: skip
+        alone = torch.nn.functional.normalize(alone.float(), dim=-1)
+        cos = (packed * alone).sum(-1).min().item()
+        first_moved = (token_states(teacher, [changed, b], device) - token_states(teacher, [a, b], device))[0]
+        first_moved = first_moved.abs().max().item()
+    detail = f"min cosine packed vs alone {cos:.6f}, first token moved by the last {first_moved:.3g}"
+    ok &= report("causal_teacher", "PASS" if cos > 0.999 and first_moved == 0 else "FAIL", detail)
     return 0 if ok else 1
 
 

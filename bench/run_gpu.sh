@@ -3,6 +3,8 @@
 # after set-up. Prints `CHECK <name> PASS|FAIL|SKIP <detail>` per check and a summary; exit 1 on a FAIL.
 #   kernel, bidirectional  bench/gpu_check.py: the varlen kernel the packed path picks is really called
 #                          (the per-segment fallback is a FAIL), and it is non-causal and block-diagonal
+#   causal_teacher         bench/gpu_check.py: kept causal (the miner's last-token teachers), the packed
+#                          path is causal and equals a plain causal forward of each text
 #   packed_vs_padded       bench/bench_packed_vs_padded.py: packed bf16 varlen == padded SDPA, embeddings
 #                          and gradients within bf16 tolerance, at the $SHAPE shape
 #   rope                   train_biencoder.py (deepspeed --num_gpus 1, ZeRO-3, bf16, gradient

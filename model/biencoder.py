@@ -256,6 +256,93 @@ def load_encoder(path: str, dtype=torch.float32, attn_implementation: str = ATTN
     return encoder
 
 
+# ----------------------------------------------------------------------------------------------
+# What a model folder's sentence-transformers files say: prompts, max length, pooling. One reading
+# for evaluate.py and the miner (training always uses the recipe's mean pooling, bidirectional).
+
+DEFAULT_MAX_LENGTH = 512  # tokens, when a model folder stores no max_seq_length
+
+
+def _json_object(path: Path) -> dict:
+    value = json.loads(path.read_text())
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def model_files(name: str) -> Path:
+    """The folder holding a model's configuration files: the folder itself, or for a hub name its
+    JSON files (config, sentence-transformers modules and prompts), fetched or read from the cache."""
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, allow_patterns=["*.json"]))
+
+
+def stored_prompts(folder: Path) -> dict[str, str]:
+    """config_sentence_transformers.json's prompts: an export stores the training data's exact strings,
+    "query" / "document" when every subset had the same, "<subset>-query" / "<subset>-document" always."""
+    file = Path(folder) / "config_sentence_transformers.json"
+    return (_json_object(file).get("prompts") or {}) if file.is_file() else {}
+
+
+def stored_pooling(name: str, folder: Path) -> tuple[str, bool]:
+    """(pooling, bidirectional) of a model folder (name: how the user gave it, for messages): what its
+    sentence-transformers files say, so that the miner and evaluate.py embed it as
+    sentence-transformers would. A folder without modules.json (a base model, a
+    plain encoder): mean pooling, bidirectional (BiEncoder's way). An export of this project (or
+    llama-embed-nemotron-8b) is bidirectional by its config; any other model keeps its own
+    attention, as sentence-transformers runs it (a BERT-family encoder: bidirectional; e5-mistral,
+    Qwen3-Embedding: causal, last token). Anything else is refused: embedding it another way would
+    give wrong negatives without a word."""
+    if not (folder / "modules.json").is_file():
+        return "mean", True
+    modules = json.loads((folder / "modules.json").read_text())  # a list of {idx, name, path, type}
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ValueError(f"--model {name}: {folder / 'modules.json'} is not a sentence-transformers module list")
+    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
+    pooling_modules = [m for m in modules if m.get("type", "").endswith("Pooling")]
+    other = [k for k in kinds if k not in ("Transformer", "Pooling", "Normalize")]
+    if other or len(pooling_modules) != 1 or kinds[0] != "Transformer":
+        raise ValueError(
+            f"--model {name}: its sentence-transformers modules are {' -> '.join(kinds)}; supported: "
+            "Transformer -> Pooling [-> Normalize] (no Dense or other layers)"
+        )
+    cfg = _json_object(folder / pooling_modules[0].get("path", "") / "config.json")
+    mode = cfg.get("pooling_mode")  # sentence-transformers >= 6; before: one pooling_mode_<x>_tokens flag each
+    if mode is None:
+        legacy = {"cls_token": "cls", "mean_tokens": "mean", "lasttoken": "lasttoken"}
+        flags = [k.removeprefix("pooling_mode_") for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
+        mode = [legacy.get(f, f) for f in flags]
+    modes = [mode] if isinstance(mode, str) else list(mode)
+    if len(modes) != 1 or modes[0] not in ("mean", "cls", "lasttoken"):
+        raise ValueError(
+            f"--model {name}: pooling {'+'.join(modes) or 'none'} in its sentence-transformers config; "
+            "supported: one of mean, cls, lasttoken"
+        )
+    if cfg.get("include_prompt") is False:
+        raise ValueError(
+            f"--model {name}: its pooling leaves the prompt's tokens out (include_prompt false): not supported "
+            "(pooling here covers every token)"
+        )
+    return modes[0], is_export(str(folder))
+
+
+def stored_max_length(folder: Path) -> int | None:
+    """A sentence-transformers folder's max_seq_length: sentence_bert_config.json (sentence-transformers
+    < 6), else its tokenizer's model_max_length (>= 6 keeps it there); None for other folders."""
+    if (folder / "sentence_bert_config.json").is_file():
+        stored = _json_object(folder / "sentence_bert_config.json").get("max_seq_length")
+        if stored:
+            return int(stored)
+    if (folder / "modules.json").is_file() and (folder / "tokenizer_config.json").is_file():
+        stored = _json_object(folder / "tokenizer_config.json").get("model_max_length")
+        if isinstance(stored, int) and stored < 10**6:  # transformers writes ~1e30 for "no limit"
+            return stored
+    return None
+
+
 class BiEncoder(nn.Module):
     """Bidirectional encoder + mean pooling + L2 normalisation.
 
@@ -286,6 +373,13 @@ class BiEncoder(nn.Module):
         # The tokenizer files are plain; never run (or ask about) an export's remote code for them.
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False) if tokenizer else None
         return cls(encoder, tok, pooling, bidirectional)
+
+    @classmethod
+    def from_stored(cls, name: str, dtype=torch.float32) -> "BiEncoder":
+        """A model embedded as its sentence-transformers files say (`stored_pooling`): any embedding
+        model for evaluation or mining; from_pretrained's defaults are the recipe's, for training."""
+        pooling, bidirectional = stored_pooling(name, model_files(name))
+        return cls.from_pretrained(name, dtype=dtype, pooling=pooling, bidirectional=bidirectional)
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """Packed forward: input_ids (T,), cu_seqlens (S+1,) int32 -> (S, D) float32, L2-normalised."""

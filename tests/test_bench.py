@@ -119,6 +119,7 @@ def test_gpu_check_script_runs_its_checks_on_the_cpu():
     lines = [line for line in res.stdout.splitlines() if line.startswith("CHECK ")]
     assert lines[0].startswith("CHECK kernel SKIP")
     assert lines[1].startswith("CHECK bidirectional PASS first token moved")
+    assert lines[2].startswith("CHECK causal_teacher PASS min cosine packed vs alone")
 
 
 def test_mine_benchmark_compares_equal_embeddings_and_negatives(tmp_path):

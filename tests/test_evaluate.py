@@ -16,7 +16,7 @@ import torch
 
 import evaluate as ev
 from model import BiEncoder
-from tiny_models import copy_minilm, minilm_dir
+from tiny_models import copy_minilm, minilm_dir, save_tiny_last_token_model
 
 REPO = Path(__file__).resolve().parents[1]
 SCIFACT = REPO / "data" / "scifact-beir"
@@ -200,6 +200,23 @@ def test_embed_on_two_replicas_matches_one_and_keeps_order(minilm):
     ref = minilm.encode(texts, prompt="q: ", max_length=64)
     torch.testing.assert_close(one, ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(two, ref, atol=1e-5, rtol=0)
+
+
+def test_a_causal_last_token_model_is_embedded_as_sentence_transformers_embeds_it(tmp_path, llama_tokenizer_path):
+    """evaluate.py reads the model folder's sentence-transformers files (`BiEncoder.from_stored`): a
+    decoder with last-token pooling stays causal, pooled at each text's last token, with the stored
+    max length; its embeddings equal sentence-transformers' own."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = save_tiny_last_token_model(tmp_path / "model")
+    (enc,) = ev.load_replicas(folder, "cpu", "float32")
+    assert (enc.pooling, any(getattr(m, "is_causal", False) for m in enc.modules())) == ("lasttoken", True)
+    _, _, max_length = ev.resolve_settings(folder, [enc], None, None, None)
+    assert max_length == 64  # sentence-transformers 6 keeps it in tokenizer_config.json
+    texts = [("word " * n).strip() for n in (5, 40, 1, 90, 3)]  # 90 words: cut at 64 tokens
+    ours = ev.embed([enc], texts, "", batch_size=2, max_length=max_length, show_progress=False)
+    ref = SentenceTransformer(str(folder), device="cpu").encode(texts, batch_size=3, convert_to_tensor=True)
+    assert (ours * ref).sum(-1).min() > 0.99999
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,15 @@ import torch
 
 import mine_negatives as mn
 from common import USER_ERROR_STATUS, run_cli
-from tiny_models import REPO, deepspeed_launcher, free_port, minilm_dir, save_tiny_llama
+from tiny_models import (
+    REPO,
+    deepspeed_launcher,
+    free_port,
+    minilm_dir,
+    save_sentence_transformer,
+    save_tiny_last_token_model,
+    save_tiny_llama,
+)
 
 SCIFACT = REPO / "data" / "scifact"
 
@@ -304,17 +312,6 @@ TEACHER_TEXTS = [
 ]  # fmt: skip
 
 
-def st_teacher(dst: Path, base: Path, pooling: str, max_seq_length: int = 64) -> Path:
-    """A sentence-transformers folder: Transformer(base) -> Pooling(pooling) -> Normalize."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-
-    tr = Transformer(str(base), max_seq_length=max_seq_length)
-    modules = [tr, Pooling(tr.get_embedding_dimension(), pooling), Normalize()]
-    SentenceTransformer(modules=modules, device="cpu").save(str(dst))
-    return dst
-
-
 def teacher_vs_sentence_transformers(folder: Path) -> tuple[mn.Teacher, torch.Tensor]:
     """(the resolved teacher, per-text cosine between the miner's embeddings and sentence-transformers')."""
     from sentence_transformers import SentenceTransformer
@@ -330,16 +327,7 @@ def test_causal_last_token_teacher_is_embedded_as_sentence_transformers_does(tmp
     """A decoder with last-token pooling (e5-mistral's and Qwen3-Embedding's kind): a tiny random Qwen3
     stays causal and is pooled at each text's last token, packed; equal to sentence-transformers' padded
     batches. Made bidirectional with mean pooling (the old way) it would be another model."""
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(llama_tokenizer_path)
-    tok.pad_token = "<|end_of_text|>"
-    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16)
-    config = Qwen3Config(vocab_size=len(tok), num_key_value_heads=2, max_position_embeddings=256, **shape)
-    Qwen3Model(config).save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    folder = st_teacher(tmp_path / "qwen3_st", tmp_path / "base", "lasttoken")
+    folder = save_tiny_last_token_model(tmp_path / "qwen3_st")
     t, cos = teacher_vs_sentence_transformers(folder)
     assert (t.pooling, t.bidirectional, t.max_length) == ("lasttoken", False, 64)
     assert cos.min() > 0.99999, cos
@@ -353,7 +341,7 @@ def test_causal_last_token_teacher_is_embedded_as_sentence_transformers_does(tmp
 def test_cls_teacher_and_refused_sentence_transformers_configs(tmp_path):
     """A BERT-family teacher with CLS pooling equals sentence-transformers; what the miner cannot
     embed as the teacher's files say (max pooling, prompt tokens left out, a Dense layer) is refused."""
-    folder = st_teacher(tmp_path / "minilm_cls", minilm_dir(), "cls")
+    folder = save_sentence_transformer(tmp_path / "minilm_cls", minilm_dir(), "cls")
     t, cos = teacher_vs_sentence_transformers(folder)
     assert (t.pooling, t.bidirectional) == ("cls", False)
     assert cos.min() > 0.99999, cos
@@ -371,7 +359,7 @@ def test_cls_teacher_and_refused_sentence_transformers_configs(tmp_path):
     modules = json.loads((folder / "modules.json").read_text())
     dense = {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}
     (folder / "modules.json").write_text(json.dumps(modules + [dense]))
-    with pytest.raises(ValueError, match="Transformer -> Pooling -> Normalize -> Dense; the miner embeds"):
+    with pytest.raises(ValueError, match="Pooling -> Normalize -> Dense; supported: Transformer"):
         mn.resolve_teacher(str(folder), None, None, None)
     # all-MiniLM-L6-v2 as shipped: the old-style pooling_mode_mean_tokens flag, mean pooling
     shipped = mn.resolve_teacher(str(minilm_dir()), None, None, None)

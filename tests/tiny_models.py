@@ -74,3 +74,31 @@ def save_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
 def copy_minilm(path: Path) -> Path:
     shutil.copytree(minilm_dir(), path)
     return Path(path)
+
+
+def save_sentence_transformer(dst: Path, base: Path, pooling: str, max_seq_length: int = 64) -> Path:
+    """A sentence-transformers folder: Transformer(base) -> Pooling(pooling) -> Normalize."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    tr = Transformer(str(base), max_seq_length=max_seq_length)
+    modules = [tr, Pooling(tr.get_embedding_dimension(), pooling), Normalize()]
+    SentenceTransformer(modules=modules, device="cpu").save(str(dst))
+    return dst
+
+
+def save_tiny_last_token_model(path: Path, seed: int = 0) -> Path:
+    """A sentence-transformers folder of a tiny random Qwen3 (a causal decoder) with last-token pooling
+    and the real Llama-3 tokenizer: the kind of the paper's teachers, e5-mistral and Qwen3-Embedding."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(llama_tokenizer_dir())
+    tok.pad_token = "<|end_of_text|>"  # sentence-transformers pads its batches
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16)
+    config = Qwen3Config(vocab_size=len(tok), num_key_value_heads=2, max_position_embeddings=256, **shape)
+    Qwen3Model(config).save_pretrained(path / "base")
+    tok.save_pretrained(path / "base")
+    save_sentence_transformer(path / "st", path / "base", "lasttoken")
+    return path / "st"
