@@ -336,6 +336,19 @@ def test_causal_last_token_teacher_is_embedded_as_sentence_transformers_does(tmp
     old_way = BiEncoder.from_pretrained(str(folder)).encode(TEACHER_TEXTS, batch_size=3, max_length=64)
     new_way = mn.load_teacher(t, "float32", torch.device("cpu"))[0].encode(TEACHER_TEXTS, max_length=64)
     assert (old_way * new_way).sum(-1).min() < 0.99  # the check above can fail
+    # the CLI: the cached corpus embeddings are sentence-transformers', the teacher's settings are reported
+    from sentence_transformers import SentenceTransformer
+
+    subset = small_subset(tmp_path / "raw" / "SciFact", num_queries=6, num_docs=40)
+    out = tmp_path / "mined"
+    assert run_mine("--data", subset, "--model", folder, "--output-dir", out, "--num-negatives", 3) == 0
+    stats = json.loads((out / "SciFact" / "mining_stats.json").read_text())
+    assert {k: stats["teachers"][0][k] for k in ("pooling", "bidirectional", "max_length")} == {
+        "pooling": "lasttoken", "bidirectional": False, "max_length": 64
+    }  # fmt: skip
+    docs = pq.read_table(subset / "corpus.parquet")["text"].to_pylist()
+    ref = SentenceTransformer(str(folder), device="cpu").encode(docs, batch_size=8)
+    assert ((cached(stats, 0, "corpus") * ref).sum(-1) > 0.99999).all()
 
 
 def test_cls_teacher_and_refused_sentence_transformers_configs(tmp_path):
