@@ -24,6 +24,7 @@ GPUs and micro-batches does not change the math (see `micro_batch_loss_scale`).
 """
 
 import argparse
+import atexit
 import dataclasses
 import functools
 import json
@@ -631,6 +632,20 @@ def check_rope(module: torch.nn.Module):
         log0(f"rotary buffers: {len(checked)} checked, fp32 and equal to the values computed from the config")
 
 
+def cpu_shm_buffer() -> Path:
+    """The shared-memory file DeepSpeed's CPU communication backend maps for this rank (its allreduce
+    workspace, ~66 MB; ops/csrc/cpu/comm/shm.cpp names it by uid, MASTER_ADDR, MASTER_PORT, rank)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{os.environ.get('RANK', '0')}"
+
+
+def remove_cpu_shm_buffer() -> None:
+    """At exit: DeepSpeed never removes that file, so every CPU run would leave ~66 MB per rank in
+    /dev/shm (RAM) until the machine restarts. Every rank mapped the others' at start-up; removing the
+    name now frees the memory once the last rank exits."""
+    cpu_shm_buffer().unlink(missing_ok=True)
+
+
 def setup_cuda():
     """Allocator settings and the attention kernel, said once, before any CUDA memory is used."""
     # Every packed micro-batch has another length: expandable segments let the caching allocator grow
@@ -775,6 +790,7 @@ def main(argv=None):
     if torch.cuda.is_available():
         setup_cuda()
     deepspeed.init_distributed()
+    atexit.register(remove_cpu_shm_buffer)
     assert world_size() == W, (world_size(), W)
     torch.manual_seed(cfg.seed)
 

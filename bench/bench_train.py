@@ -32,6 +32,7 @@ against the GPU's dense bf16 peak. On the CPU every figure is labelled "CPU: not
 """
 
 import argparse
+import atexit
 import dataclasses
 import datetime
 import gc
@@ -838,6 +839,7 @@ def main(argv=None):
     if CUDA:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed()
+    atexit.register(tb.remove_cpu_shm_buffer)  # DeepSpeed leaves its CPU allreduce buffer in /dev/shm
     W = tb.world_size()
     cfg.validate(W)
     for name in ("DeepSpeed", "deepspeed"):

@@ -1,5 +1,9 @@
 """Shared pytest fixtures."""
 
+import os
+import time
+from pathlib import Path
+
 import pytest
 
 from tiny_models import llama_tokenizer_dir
@@ -12,3 +16,18 @@ def llama_tokenizer_path():
     if not (path / "tokenizer.json").is_file():
         pytest.skip(f"no tokenizer.json in {path}")
     return str(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_leftover_deepspeed_shm_buffers():
+    """DeepSpeed's CPU allreduce buffers (/dev/shm, ~66 MB of RAM per rank) of runs killed on purpose
+    (SIGKILL tests, a launcher killing the other rank after a failure) outlive them: remove the ones
+    this session created, so that a long test session does not fill the machine's memory."""
+    start = time.time()
+    yield
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
+        try:
+            if f.stat().st_mtime >= start - 1:
+                f.unlink()
+        except FileNotFoundError:
+            pass

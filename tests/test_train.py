@@ -75,7 +75,8 @@ def free_port() -> int:
 def launch(setup, out: str, ranks: int = 2, extra=(), env=None, check=True, timeout=600):
     """Run the training script under the deepspeed launcher; returns (process result, output dir)."""
     out_dir = setup["root"] / out
-    cmd = [deepspeed_launcher(), "--num_gpus", str(ranks), "--master_port", str(free_port())]
+    port = free_port()
+    cmd = [deepspeed_launcher(), "--num_gpus", str(ranks), "--master_port", str(port)]
     cmd += [str(REPO / "train_biencoder.py"), "--model", str(setup["model"]), "--data", str(setup["data"])]
     cmd += ["--output-dir", str(out_dir), "--deepspeed", str(setup["ds"]), "--global-batch-size", "8"]
     cmd += ["--lr", "1e-3", "--save-every", "2", *extra]
@@ -83,6 +84,8 @@ def launch(setup, out: str, ranks: int = 2, extra=(), env=None, check=True, time
     res = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
     if check and res.returncode != 0:
         raise AssertionError(f"training failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    if res.returncode == 0:  # DeepSpeed's CPU allreduce buffers (~66 MB of RAM per rank) are removed at exit
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "shm buffers left"
     return res, out_dir
 
 
