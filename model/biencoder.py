@@ -316,7 +316,7 @@ def stored_pooling(name: str, folder: Path) -> tuple[str, bool]:
         flags = [k.removeprefix("pooling_mode_") for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
         mode = [legacy.get(f, f) for f in flags]
     modes = [mode] if isinstance(mode, str) else list(mode)
-    if len(modes) != 1 or modes[0] not in ("mean", "cls", "lasttoken"):
+    if len(modes) != 1 or modes[0] not in POOLINGS:
         raise ValueError(
             f"--model {name}: pooling {'+'.join(modes) or 'none'} in its sentence-transformers config; "
             "supported: one of mean, cls, lasttoken"
