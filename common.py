@@ -4,6 +4,7 @@ Keep this module small: a piece belongs here only when two scripts need the very
 It imports nothing heavy (no torch, no transformers): every script imports it at start.
 """
 
+import json
 import os
 import shutil
 import sys
@@ -115,27 +116,47 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
 
 
 # ----------------------------------------------------------------------------------------------
-# User errors. Convention: anything a user can get wrong raises ValueError with a message that
-# says what to fix; run_cli prints it as "<script>: error: <message>" (argparse's own format) and
-# exits with status 2 (argparse's), without a traceback. Every other exception is a bug and keeps
-# its traceback.
+# User errors. Anything a user can get wrong (a bad value, a missing file, data in the wrong layout)
+# raises UserError with a message that says what to fix; run_cli prints it as
+# "<script>: error: <message>" (argparse's own format) and exits with status 2 (argparse's), without
+# a traceback. Every other exception, a ValueError raised inside numpy, pydantic (DeepSpeed's config)
+# or transformers included, is a bug or an internal failure: it keeps its traceback and exit status 1.
 
 USER_ERROR_STATUS = 2
 
 
+class UserError(ValueError):
+    """A mistake the user can fix; the message names the flag or file and what to do.
+
+    A ValueError, so that code calling the scripts' functions as a library may catch either."""
+
+
 def run_cli(main: Callable, argv: list[str] | None = None) -> int:
-    """main(argv) -> exit status: 0, main's own int status, or USER_ERROR_STATUS after a ValueError.
+    """main(argv) -> exit status: 0, main's own int status, or USER_ERROR_STATUS after a UserError.
 
     if __name__ == "__main__":
         sys.exit(run_cli(main))
     """
     try:
         status = main(argv)
-    except ValueError as e:
+    except UserError as e:
         script = getattr(sys.modules.get(main.__module__), "__file__", None) or sys.argv[0]
         print(f"{Path(script).name}: error: {e}", file=sys.stderr, flush=True)
         return USER_ERROR_STATUS
     return status if isinstance(status, int) else 0
+
+
+def read_json_file(path: str | Path, flag: str) -> dict:
+    """The JSON object in a file the user named with `flag`; missing or malformed is a UserError."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{flag} {path}: not readable JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{flag} {path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _causes(e: BaseException) -> Iterator[BaseException]:
@@ -179,9 +200,9 @@ def load_error_message(flag: str, name: str, what: str, error: BaseException) ->
 
 
 def load_pretrained(load: Callable, name: str, flag: str, what: str = "model"):
-    """load(name), e.g. AutoTokenizer.from_pretrained; a failure becomes a ValueError (a user error)
+    """load(name), e.g. AutoTokenizer.from_pretrained; a failure becomes a UserError
     that names the flag, what was tried and what to do (misspelt, offline without a cache, gated)."""
     try:
         return load(name)
     except (OSError, ValueError) as e:  # transformers and huggingface_hub raise these for a name it cannot use
-        raise ValueError(load_error_message(flag, str(name), what, e)) from e
+        raise UserError(load_error_message(flag, str(name), what, e)) from e

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import UserError
+
 FORMAT_VERSION = 2  # 2: meta.json subsets carry the exact query_prompt / passage_prompt strings
 ARRAYS = ("query_tokens", "query_offsets", "doc_tokens", "doc_offsets", "query_docs")
 PREPARE_COMMAND = "python prepare_data.py --download-path ./embed_nemotron_dataset_v1 --output-dir {path}"
@@ -35,18 +37,39 @@ def sha256_of(array: np.ndarray, chunk_bytes: int = 1 << 26) -> str:
     return digest.hexdigest()
 
 
+def data_fingerprint(meta: dict) -> str:
+    """What a prepared folder holds, in one string: a sha256 over the sha256 of every array that
+    meta.json records. The same tokens give the same fingerprint wherever the folder lies; a folder
+    re-prepared at the same path with other subsets, lengths or negatives gives another."""
+    digest = hashlib.sha256()
+    for name in ARRAYS:
+        digest.update(f"{name}.npy {meta['files'][f'{name}.npy']['sha256']}\n".encode())
+    return digest.hexdigest()
+
+
+def data_summary(meta: dict) -> dict:
+    """The fingerprint and the settings a person reads to tell two prepared folders apart."""
+    return {
+        "fingerprint": data_fingerprint(meta),
+        "num_queries": meta["num_queries"],
+        "num_docs": meta["num_docs"],
+        "subsets": [s["name"] for s in meta["subsets"]],
+        **{k: meta.get(k) for k in ("tokenizer", "query_max_len", "passage_max_len", "num_negatives")},
+    }
+
+
 class PreparedData:
     def __init__(self, path):
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         command = PREPARE_COMMAND.format(path=self.path)
         if not meta_path.is_file():
-            raise ValueError(f"{self.path} is not a prepared data folder (no meta.json); create it with `{command}`")
+            raise UserError(f"{self.path} is not a prepared data folder (no meta.json); create it with `{command}`")
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("complete") is not True:
-            raise ValueError(f"{self.path} is incomplete (meta.json lacks complete: true); rebuild it with `{command}`")
+            raise UserError(f"{self.path} is incomplete (meta.json lacks complete: true); rebuild it with `{command}`")
         if self.meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
+            raise UserError(
                 f"{self.path} has format_version {self.meta.get('format_version')!r}, this code reads "
                 f"{FORMAT_VERSION}; rebuild it with `{command} --overwrite`"
             )
@@ -55,7 +78,7 @@ class PreparedData:
             info = self.meta["files"][f"{name}.npy"]
             array = np.load(self.path / f"{name}.npy", mmap_mode="r")
             if list(array.shape) != info["shape"] or str(array.dtype) != info["dtype"]:
-                raise ValueError(
+                raise UserError(
                     f"{self.path / (name + '.npy')}: shape {list(array.shape)} dtype {array.dtype} differ from "
                     f"meta.json ({info['shape']} {info['dtype']}); rebuild it with `{command} --overwrite`"
                 )
@@ -88,7 +111,7 @@ class PreparedData:
         diffs = [f"{k}={self.meta.get(k)!r} (this run: {v!r})" for k, v in expected.items() if self.meta.get(k) != v]
         if diffs:
             command = PREPARE_COMMAND.format(path=self.path)
-            raise ValueError(
+            raise UserError(
                 f"{self.path} was prepared with {', '.join(diffs)}; rebuild it with the run's settings: "
                 f"`{command} --overwrite` plus the matching options"
             )
@@ -99,4 +122,4 @@ class PreparedData:
             expected = self.meta["files"][f"{name}.npy"]["sha256"]
             actual = sha256_of(getattr(self, name))
             if actual != expected:
-                raise ValueError(f"{self.path / (name + '.npy')}: sha256 {actual} != {expected} in meta.json (corrupt)")
+                raise UserError(f"{self.path / (name + '.npy')}: sha256 {actual} != {expected} in meta.json (corrupt)")

@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from common import load_pretrained, run_cli, write_atomic
+from common import UserError, load_pretrained, run_cli, write_atomic
 from model import BiEncoder
 from model.biencoder import DEFAULT_MAX_LENGTH, model_files, stored_max_length, stored_prompts
 
@@ -108,7 +108,7 @@ def retrieval_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str,
     (it still counts in the average); queries in the run but not in qrels are ignored.
     """
     if not qrels:
-        raise ValueError("no queries with relevance judgments to evaluate")
+        raise UserError("no queries with relevance judgments to evaluate")
     totals = dict.fromkeys(METRICS, 0.0)
     for q, rels in qrels.items():
         ranking = ranked(run.get(q, {}))
@@ -142,9 +142,9 @@ def read_jsonl(path: Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                raise UserError(f"{path}:{n}: not valid JSON ({e})") from None
             if "_id" not in row or "text" not in row:
-                raise ValueError(f"{path}:{n}: every line needs '_id' and 'text' (BEIR layout)")
+                raise UserError(f"{path}:{n}: every line needs '_id' and 'text' (BEIR layout)")
             rows.append(row)
     return rows
 
@@ -158,13 +158,13 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
             if fields == [""]:
                 continue
             if len(fields) != 3:
-                raise ValueError(f"{path}:{n}: expected 3 tab-separated fields (query-id, corpus-id, score)")
+                raise UserError(f"{path}:{n}: expected 3 tab-separated fields (query-id, corpus-id, score)")
             try:
                 score = int(fields[2])
             except ValueError:
                 if n == 1:
                     continue  # the header: query-id, corpus-id, score
-                raise ValueError(f"{path}:{n}: score {fields[2]!r} is not an integer") from None
+                raise UserError(f"{path}:{n}: score {fields[2]!r} is not an integer") from None
             qrels.setdefault(fields[0], {})[fields[1]] = score
     return qrels
 
@@ -175,7 +175,7 @@ def beir_files(beir_dir: str | Path, split: str = "test") -> list[Path]:
     files = [beir_dir / "corpus.jsonl", beir_dir / "queries.jsonl", beir_dir / "qrels" / f"{split}.tsv"]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"missing {', '.join(missing)}: --beir must be a folder in the BEIR layout "
             f"(corpus.jsonl, queries.jsonl, qrels/{split}.tsv), e.g. data/scifact-beir"
         )
@@ -188,7 +188,7 @@ def load_beir(beir_dir: str | Path, split: str = "test") -> dict:
     corpus = read_jsonl(files[0])
     doc_ids = [str(row["_id"]) for row in corpus]
     if len(set(doc_ids)) != len(doc_ids):
-        raise ValueError(f"{files[0]}: {len(doc_ids) - len(set(doc_ids))} duplicate document ids")
+        raise UserError(f"{files[0]}: {len(doc_ids) - len(set(doc_ids))} duplicate document ids")
     queries = {str(row["_id"]): row["text"] for row in read_jsonl(files[1])}
     all_qrels = read_qrels(files[2])
 
@@ -231,7 +231,7 @@ def resolve_settings(
     query_key, doc_key = f"{prefix}query", f"{prefix}document"
     if prompt_name is not None and query_key not in prompts and doc_key not in prompts:
         names = sorted({k.rsplit("-", 1)[0] for k in prompts if k.endswith(("-query", "-document"))})
-        raise ValueError(f"--prompt-name {prompt_name}: {model_dir} stores no such prompts; it has {names or 'none'}")
+        raise UserError(f"--prompt-name {prompt_name}: {model_dir} stores no such prompts; it has {names or 'none'}")
     query_prompt = prompts.get(query_key, "") if query_prompt is None else query_prompt
     doc_prompt = prompts.get(doc_key, "") if doc_prompt is None else doc_prompt
     max_length = int(default_length) if max_length is None else max_length
@@ -243,7 +243,7 @@ def resolve_settings(
 def load_replicas(path: str | Path, device: str, dtype: str) -> list[BiEncoder]:
     """One BiEncoder per visible GPU (device "cuda"), or one on the CPU."""
     if Path(path).exists() and not (Path(path) / "config.json").is_file():  # else: a hub name
-        raise ValueError(f"{path}/config.json not found: --model must be a Hugging Face model folder or an export")
+        raise UserError(f"{path}/config.json not found: --model must be a Hugging Face model folder or an export")
     devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if device == "cuda" else ["cpu"]
     # embedded as its sentence-transformers files say (pooling, attention): any embedding model
     enc = load_pretrained(lambda name: BiEncoder.from_stored(name, dtype=DTYPES[dtype]), str(path), "--model")
@@ -354,7 +354,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no GPU is visible; use --device cpu")
+        raise UserError("--device cuda but no GPU is visible; use --device cpu")
     return device
 
 
@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             import mteb
         except ImportError:
-            raise ValueError("--mteb needs the mteb package: pip install mteb (and network access)") from None
+            raise UserError("--mteb needs the mteb package: pip install mteb (and network access)") from None
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     replicas = load_replicas(args.model, device, dtype)
@@ -554,4 +554,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))  # a ValueError (a user error): "evaluate.py: error: ...", exit status 2
+    sys.exit(run_cli(main))  # a UserError: "evaluate.py: error: ...", exit status 2

@@ -60,7 +60,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from common import atomic_dir, run_cli
+from common import UserError, atomic_dir, run_cli
 
 # Elements per read: 16M fp32 = 64 MB. Every tensor is streamed in row-aligned chunks of this size.
 CHUNK_ELEMS = 1 << 24
@@ -120,20 +120,20 @@ class ExportConfig:
 
     def validate(self):
         if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
+            raise UserError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
         parse_size(self.max_shard_size)
         if self.weights is not None:
             n = len(self.checkpoint) or 1
             if len(self.weights) != n:
-                raise ValueError(
+                raise UserError(
                     f"--weights has {len(self.weights)} values for {n} checkpoints: give one per checkpoint"
                 )
             if any(w <= 0 for w in self.weights):
-                raise ValueError(f"--weights {self.weights}: weights must be positive")
+                raise UserError(f"--weights {self.weights}: weights must be positive")
         if self.verify_only and (self.output_dir or self.overwrite):
-            raise ValueError("--verify-only DIR checks an existing export: drop --output-dir / --overwrite")
+            raise UserError("--verify-only DIR checks an existing export: drop --output-dir / --overwrite")
         if self.verify_only and not self.verify:
-            raise ValueError("--verify-only and --no-verify contradict each other")
+            raise UserError("--verify-only and --no-verify contradict each other")
 
 
 def parse_args(argv=None) -> ExportConfig:
@@ -176,7 +176,7 @@ def parse_size(text: str) -> int:
     units.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
     m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).upper() not in units or float(m.group(1)) <= 0:
-        raise ValueError(f"--max-shard-size {text!r}: write a positive size such as 5GB, 500MB or 2GiB")
+        raise UserError(f"--max-shard-size {text!r}: write a positive size such as 5GB, 500MB or 2GiB")
     return int(float(m.group(1)) * units[m.group(2).upper()])
 
 
@@ -211,11 +211,11 @@ def load_pickle(path: Path) -> dict:
     except Exception as e:  # UnpicklingError, RuntimeError (bad zip), ...: all mean "cannot use this file"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Unsupported global" in str(e) or "weights_only" in str(e).lower():
-            raise ValueError(
+            raise UserError(
                 f"refusing to unpickle {path}: it holds objects other than tensors and the known "
                 f"DeepSpeed classes ({first_line}). Checkpoints are pickles; only load ones you trust."
             ) from e
-        raise ValueError(f"cannot read {path} ({first_line}): the file is truncated or not a torch checkpoint") from e
+        raise UserError(f"cannot read {path} ({first_line}): the file is truncated or not a torch checkpoint") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def export_name(name: str, family: str) -> str:
     else:
         m = re.fullmatch(r"encoder\.(.+)", name)
     if m is None:
-        raise ValueError(
+        raise UserError(
             f"checkpoint parameter {name!r} has no export name: not a BiEncoder checkpoint of a {family} model?"
         )
     return m.group(1)
@@ -259,7 +259,7 @@ def load_base_config(path: str) -> dict:
 
     f = resolve_file(path, "config.json")
     if f is None:
-        raise ValueError(
+        raise UserError(
             f"no config.json for the base model {path!r}: not a local folder and not in the Hugging Face "
             f"cache; download it first (huggingface-cli download {path})"
         )
@@ -284,7 +284,7 @@ def model_family(config: dict) -> str:
         return "llama"
     if config["model_type"] in ENCODER_TYPES:
         return "encoder"
-    raise ValueError(
+    raise UserError(
         f"base model type {config['model_type']!r} is not supported: export_hf.py knows {LLAMA_TYPES + ENCODER_TYPES}"
     )
 
@@ -338,20 +338,18 @@ class ZeroCheckpoint:
             elif m := re.fullmatch(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt", f.name):
                 optim_files[int(m.group(1))] = (int(m.group(2)), f)
         if not model_files:
-            raise ValueError(
+            raise UserError(
                 f"{tag_dir} holds no ZeRO-3 files (zero_pp_rank_*_mp_rank_00_model_states.pt): "
                 "export_hf.py reads ZeRO stage 3 checkpoints of train_biencoder.py"
             )
         if any(mp for mp, _ in list(model_files.values()) + list(optim_files.values())):
-            raise ValueError(
+            raise UserError(
                 f"{tag_dir} was saved with model parallelism (mp_rank > 0), which export_hf.py does not read"
             )
-        if 0 not in model_files:
-            raise ValueError(f"partial checkpoint {tag_dir}: zero_pp_rank_0_mp_rank_00_model_states.pt is missing")
-        state = load_pickle(model_files[0][1])
+        state = load_pickle(model_files[min(model_files)][1])  # rank 0's, or the first rank's here
         stage = (state.get("ds_config") or {}).get("zero_optimization", {}).get("stage")
         if stage != 3:
-            raise ValueError(f"{tag_dir} is a ZeRO stage {stage} checkpoint: export_hf.py reads stage 3 only")
+            raise UserError(f"{tag_dir} is a ZeRO stage {stage} checkpoint: export_hf.py reads stage 3 only")
         self.world_size = W = int(state["dp_world_size"])
         missing = [
             f"rank {r} {kind}"
@@ -359,13 +357,21 @@ class ZeroCheckpoint:
             for kind, files in (("model_states", model_files), ("optim_states", optim_files))
             if r not in files
         ]
+        if missing and (state.get("ds_config") or {}).get("checkpoint", {}).get("use_node_local_storage"):
+            here = sorted(set(model_files) & set(optim_files))
+            raise UserError(
+                f"{tag_dir} holds the shards of ranks {here} of {W}: the run kept its checkpoints on each node's "
+                'own disk ("checkpoint": {"use_node_local_storage": true}), so every node holds only its own ranks\' '
+                f"shards. Copy the {tag_dir.name} folder of every node into one folder (for example "
+                f"`rsync -a NODE:{tag_dir}/ {tag_dir}/` for each other node), then export it"
+            )
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"partial checkpoint {tag_dir}: saved by {W} ranks but {', '.join(missing)} missing. "
                 "The save was interrupted or files were removed; export an earlier tag (--tag)."
             )
         if state.get("shared_params"):
-            raise ValueError(f"{tag_dir} has tied parameters {state['shared_params']}: not supported")
+            raise UserError(f"{tag_dir} has tied parameters {state['shared_params']}: not supported")
         self._model_files = [model_files[r][1] for r in range(W)]
         self._optim_files = [optim_files[r][1] for r in range(W)]
 
@@ -395,7 +401,7 @@ class ZeroCheckpoint:
             groups, starts = self._flat_groups(r)
             held = starts[-1] + groups[-1].numel() if groups else 0
             if held != self._flat_numel:
-                raise ValueError(
+                raise UserError(
                     f"{self._optim_files[r]} holds {held} master-weight elements but the parameter "
                     f"shapes of {W} ranks need {self._flat_numel}: files from different saves?"
                 )
@@ -403,7 +409,7 @@ class ZeroCheckpoint:
 
         state_file = tag_dir / "train_state.json"
         if not state_file.is_file():
-            raise ValueError(
+            raise UserError(
                 f"no train_state.json in {tag_dir}: export_hf.py takes the base model (config.model) and "
                 "the query prompt from it; it is written by train_biencoder.py next to DeepSpeed's files"
             )
@@ -419,7 +425,7 @@ class ZeroCheckpoint:
             stage = osd.get("zero_stage")
             stage = stage.args[0] if isinstance(stage, DeepSpeedStandIn) else stage
             if int(stage) != 3 or int(osd["partition_count"]) != self.world_size:
-                raise ValueError(
+                raise UserError(
                     f"{self._optim_files[rank]}: ZeRO stage {stage} over {osd['partition_count']} ranks, "
                     f"expected stage 3 over {self.world_size}"
                 )
@@ -484,12 +490,12 @@ class ExportFolder:
         elif (path / "model.safetensors").is_file():
             weight_map = None
         else:
-            raise ValueError(f"{path} has no model.safetensors or model.safetensors.index.json")
+            raise UserError(f"{path} has no model.safetensors or model.safetensors.index.json")
         self._file_of, self.shapes, self.dtypes = {}, {}, {}
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         for fname in files:
             if not (path / fname).is_file():
-                raise ValueError(f"{path}: shard {fname} named in the index is missing")
+                raise UserError(f"{path}: shard {fname} named in the index is missing")
             with safe_open(path / fname, framework="pt") as f:
                 for name in f.keys():
                     sl = f.get_slice(name)
@@ -497,7 +503,7 @@ class ExportFolder:
                     self.shapes[name] = torch.Size(sl.get_shape())
                     self.dtypes[name] = TORCH_DTYPES[sl.get_dtype()]
         if weight_map and weight_map != self._file_of:
-            raise ValueError(f"{index} does not match the tensors in its shards")
+            raise UserError(f"{index} does not match the tensors in its shards")
         self._open = {}
         self._read_bytes = 0
         info_file = path / "export_info.json"
@@ -535,7 +541,7 @@ def open_source(path: str, tag: str | None):
     """A run folder, its checkpoints/ folder, one tag folder, or an exported folder."""
     p = Path(path)
     if not p.exists():
-        raise ValueError(f"no checkpoint at {p}: the folder does not exist")
+        raise UserError(f"no checkpoint at {p}: the folder does not exist")
     if (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file():
         return ExportFolder(p)
     if any(p.glob("zero_pp_rank_*_model_states.pt")):
@@ -545,13 +551,13 @@ def open_source(path: str, tag: str | None):
     if tag is None:
         latest = ckpt_dir / "latest"
         if not latest.is_file():
-            raise ValueError(
+            raise UserError(
                 f"no checkpoint in {p}: {latest} does not exist (no complete checkpoint was saved)"
                 + (f"; tags present: {', '.join(tags)} (choose one with --tag)" if tags else "")
             )
         tag = latest.read_text().strip()
     if not (ckpt_dir / tag).is_dir():
-        raise ValueError(f"no checkpoint tag {tag!r} in {ckpt_dir}; tags present: {', '.join(tags) or 'none'}")
+        raise UserError(f"no checkpoint tag {tag!r} in {ckpt_dir}; tags present: {', '.join(tags) or 'none'}")
     return ZeroCheckpoint(ckpt_dir / tag)
 
 
@@ -575,7 +581,7 @@ class Average:
             if got != want:
                 missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
                 wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-                raise ValueError(
+                raise UserError(
                     f"{s.label} does not match the base model's architecture: missing {missing[:5]}, "
                     f"unexpected {extra[:5]}, shape differs {[(k, tuple(got[k]), tuple(want[k])) for k in wrong[:5]]}"
                 )
@@ -589,7 +595,7 @@ class Average:
         if not first.is_floating_point():  # integer buffers: must agree, nothing to average
             for x, s in zip(xs, self.sources[1:], strict=True):
                 if not torch.equal(x, first):
-                    raise ValueError(f"buffer {name} differs between {self.sources[0].label} and {s.label}")
+                    raise UserError(f"buffer {name} differs between {self.sources[0].label} and {s.label}")
             return first
         acc = first * self.weights[0]  # a new tensor: `first` may be a source's own memory
         for x, w in zip(xs, self.weights[1:], strict=True):
@@ -723,13 +729,13 @@ def copy_tokenizer(src: str, out: Path, left_pad_with_eos: bool) -> None:
             shutil.copy(path, out / name)
     config_file, special_file = out / "tokenizer_config.json", out / "special_tokens_map.json"
     if not config_file.is_file():
-        raise ValueError(f"the base model {src} has no tokenizer_config.json: cannot ship its tokenizer")
+        raise UserError(f"the base model {src} has no tokenizer_config.json: cannot ship its tokenizer")
     config = json.loads(config_file.read_text())
     special = json.loads(special_file.read_text()) if special_file.is_file() else {}
     if left_pad_with_eos:  # the reference: pad = EOS (<|end_of_text|>), left padding
         eos = config.get("eos_token") or special.get("eos_token")
         if eos is None:
-            raise ValueError(f"the tokenizer of {src} names no eos_token, which Llama exports pad with")
+            raise UserError(f"the tokenizer of {src} names no eos_token, which Llama exports pad with")
         config.update(pad_token=eos, padding_side="left")
         if special:
             write_json(special_file, {**special, "pad_token": eos})
@@ -848,11 +854,11 @@ def prepare(paths: list[str], tag: str | None, weights: list[float] | None) -> J
         a, b = architecture_fields(config), architecture_fields(load_base_config(s.base_model))
         if a != b:
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            raise ValueError(
+            raise UserError(
                 f"{s.label} was trained from a different base model than {sources[0].label} (config fields {diff})"
             )
         if (s.train_state or {}).get("prompts") != (sources[0].train_state or {}).get("prompts"):
-            raise ValueError(f"{s.label} was trained with other prompts than {sources[0].label}: not averaged")
+            raise UserError(f"{s.label} was trained with other prompts than {sources[0].label}: not averaged")
     # No remote code: an exported source's config.json names a model_type transformers does not know,
     # and its tokenizer files need none (without the flag, AutoTokenizer would ask).
     tokenizer = AutoTokenizer.from_pretrained(sources[0].base_model, trust_remote_code=False)
@@ -985,7 +991,7 @@ def check_tensors(out: Path, job: Job, dtype: torch.dtype) -> None:
     want = {name: (shape, dtype if d.is_floating_point else d) for name, (shape, d) in job.expected.items()}
     got = {name: (export.shapes[name], export.dtypes[name]) for name in export.shapes}
     if got != want:
-        raise ValueError(
+        raise UserError(
             f"{out}: tensor names, shapes or dtypes differ from the base model's: {sorted(set(got) ^ set(want))[:5]}"
         )
     total = sum(math.prod(shape) * d.itemsize for shape, d in want.values())
@@ -995,7 +1001,7 @@ def check_tensors(out: Path, job: Job, dtype: torch.dtype) -> None:
                 x = job.average.read(name, start, end).to(d)
                 y = export.read(name, start, end).to(d)
                 if not torch.equal(x, y):
-                    raise ValueError(f"{out}: tensor {name} differs from the checkpoint in elements [{start}, {end})")
+                    raise UserError(f"{out}: tensor {name} differs from the checkpoint in elements [{start}, {end})")
                 progress.update(x.nbytes)
     export.release()
     job.average.release()
@@ -1047,7 +1053,7 @@ def check_embeddings(out: Path, job: Job, dtype: str, device: str) -> None:
     cos = 1 - err**2 / 2
     print(f"embedding check: max ||export - checkpoint|| = {err:.2e} (tolerance {tol:g}), cosine >= {cos:.6f}")
     if not err <= tol:
-        raise ValueError(
+        raise UserError(
             f"{out}: sentence-transformers embeddings differ from the checkpoint's model by {err:.2e} > {tol:g}: "
             "the export is broken (attention, prompts, pooling or tokenizer)"
         )
@@ -1065,9 +1071,9 @@ def export(cfg: ExportConfig) -> Path:
     elif len(job.sources) == 1 and isinstance(job.sources[0], ZeroCheckpoint):
         out = job.sources[0].dir.parent.parent / "export"  # <run>/checkpoints/<tag> -> <run>/export
     else:
-        raise ValueError("give --output-dir DIR when averaging checkpoints or re-exporting an export")
+        raise UserError("give --output-dir DIR when averaging checkpoints or re-exporting an export")
     if out.exists() and not cfg.overwrite:
-        raise ValueError(f"{out} exists: pass --overwrite to replace it, or choose another --output-dir")
+        raise UserError(f"{out} exists: pass --overwrite to replace it, or choose another --output-dir")
     for s, w in zip(job.sources, job.weights, strict=True):
         print(f"source: {s.label} (step {s.step}, final loss {s.final_loss}, weight {w:.4g})")
     print(f"prompts: {json.dumps(job.prompts)[:300]}")
@@ -1089,7 +1095,7 @@ def export(cfg: ExportConfig) -> Path:
                 check_tensors(tmp, job, DTYPES[cfg.dtype])
                 check_embeddings(tmp, job, cfg.dtype, resolve_device(cfg.device))
     except OSError as e:  # a full disk, a read-only folder: something the user fixes
-        raise ValueError(f"writing {out} failed ({e}); the partial folder was removed, {out} is unchanged") from e
+        raise UserError(f"writing {out} failed ({e}); the partial folder was removed, {out} is unchanged") from e
     return out
 
 
@@ -1097,7 +1103,7 @@ def verify_only(cfg: ExportConfig) -> None:
     out = Path(cfg.verify_only)
     info_file = out / "export_info.json"
     if not info_file.is_file():
-        raise ValueError(f"{out} has no export_info.json: not a folder written by export_hf.py")
+        raise UserError(f"{out} has no export_info.json: not a folder written by export_hf.py")
     info = json.loads(info_file.read_text())
     paths = cfg.checkpoint or [s["path"] for s in info["sources"]]
     weights = cfg.weights or (None if cfg.checkpoint else [s["weight"] for s in info["sources"]])
@@ -1114,7 +1120,7 @@ def resolve_device(device: str) -> str:
 
 
 def main(argv=None) -> None:
-    """Errors a user can fix raise ValueError; run_cli prints them without a traceback (exit status 2)."""
+    """Errors a user can fix raise UserError; run_cli prints them without a traceback (exit status 2)."""
     cfg = parse_args(argv)
     print("export_hf.py", json.dumps(asdict(cfg)))
     try:
@@ -1125,7 +1131,7 @@ def main(argv=None) -> None:
             out = export(cfg)
             print(f"OK: wrote {out}")
     except OSError as e:  # an unreadable checkpoint or export file: the path is in the message
-        raise ValueError(str(e)) from e
+        raise UserError(str(e)) from e
 
 
 if __name__ == "__main__":

@@ -39,10 +39,8 @@ import hashlib
 import json
 import math
 import os
-import secrets
 import shutil
 import signal
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,7 +53,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from common import atomic_dir, atomic_file, load_pretrained, run_cli
+from common import UserError, atomic_dir, atomic_file, load_pretrained, run_cli
+from distributed import barrier, check_shared_folder, log0, rank, world_size
 from prepare_data import (
     DataError,
     doc_id_lists,
@@ -104,33 +103,33 @@ class MineConfig:
 
     def validate(self) -> None:
         if not self.model:
-            raise ValueError("--model: give at least one teacher")
+            raise UserError("--model: give at least one teacher")
         if self.num_negatives < 1:
-            raise ValueError(f"--num-negatives must be >= 1, got {self.num_negatives}")
+            raise UserError(f"--num-negatives must be >= 1, got {self.num_negatives}")
         if self.margin_type == "perc" and not self.margin > 0:
-            raise ValueError(f"--margin must be > 0 for --margin-type perc, got {self.margin}")
+            raise UserError(f"--margin must be > 0 for --margin-type perc, got {self.margin}")
         if self.margin_type == "abs" and not self.margin >= 0:
-            raise ValueError(f"--margin must be >= 0 for --margin-type abs, got {self.margin}")
+            raise UserError(f"--margin must be >= 0 for --margin-type abs, got {self.margin}")
         for name in ("batch_size", "chunk_size", "query_block", "doc_block"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
+            raise UserError(f"--max-length must be >= 2, got {self.max_length}")
         for flag, prompts in (("--query-prompt", self.query_prompt), ("--passage-prompt", self.passage_prompt)):
             if prompts is not None and len(prompts) not in (1, len(self.model)):
-                raise ValueError(
+                raise UserError(
                     f"{flag}: {len(prompts)} prompts for {len(self.model)} teachers; "
                     "give one for all or one per --model"
                 )
         data = Path(self.data)
         if not data.exists():
-            raise ValueError(f"--data {data}: no such file or folder")
+            raise UserError(f"--data {data}: no such file or folder")
         if data.is_file() and data.suffix != ".jsonl":
-            raise ValueError(f"--data {data}: a file must be JSONL (.jsonl); a subset is a folder")
+            raise UserError(f"--data {data}: a file must be JSONL (.jsonl); a subset is a folder")
         if data.is_dir() and self.corpus is not None:
-            raise ValueError("--corpus goes with a JSONL --data; a subset folder has its own corpus.parquet")
+            raise UserError("--corpus goes with a JSONL --data; a subset folder has its own corpus.parquet")
         if self.corpus is not None and not Path(self.corpus).is_file():
-            raise ValueError(f"--corpus {self.corpus}: no such file")
+            raise UserError(f"--corpus {self.corpus}: no such file")
 
 
 def parse_args(argv=None) -> MineConfig:
@@ -165,53 +164,6 @@ def parse_args(argv=None) -> MineConfig:
 
 # ----------------------------------------------------------------------------------------------
 # Distributed: one teacher replica per rank, no ZeRO; files carry the data, gloo only synchronises
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def check_shared_folder(folder: Path) -> None:
-    """The ranks hand embeddings over through files in `folder`: every rank must see what rank 0
-    writes there (on several nodes: a filesystem that every node mounts). Checked on every rank at
-    once before any work, so that all of them stop with the same message instead of some waiting."""
-    if world_size() == 1:
-        return
-    box = [None]
-    if rank() == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        box = [f".shared-check-{secrets.token_hex(8)}"]
-        (folder / box[0]).write_text(socket.gethostname())
-    dist.broadcast_object_list(box, src=0)
-    probe = folder / box[0]
-    if os.environ.get("MINE_FAULT_UNSHARED_CACHE") and rank() != 0:  # the test of this check
-        probe = folder / "elsewhere" / box[0]
-    seen = [None] * world_size()
-    dist.all_gather_object(seen, (probe.is_file(), socket.gethostname()))
-    barrier()
-    if rank() == 0:
-        (folder / box[0]).unlink()
-    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
-    if blind:
-        raise ValueError(
-            f"--cache-dir {folder}: {', '.join(blind)} cannot see the files rank 0 ({seen[0][1]}) writes there. "
-            "The ranks hand embeddings over through this folder: on several nodes, put --cache-dir on a "
-            "filesystem that every node mounts (e.g. NFS or Lustre)"
-        )
-
-
-def log0(*args) -> None:
-    if rank() == 0:
-        tqdm.write(" ".join(str(a) for a in args))
 
 
 def init_distributed() -> torch.device:
@@ -417,7 +369,7 @@ def output_path(cfg: MineConfig) -> Path:
 def check_output_free(cfg: MineConfig) -> None:
     out = output_path(cfg)
     if out.exists() and not cfg.overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to replace it, or choose another --output-dir")
+        raise UserError(f"{out} exists; pass --overwrite to replace it, or choose another --output-dir")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,7 +418,7 @@ def resolve_teacher(name: str, query_prompt: str | None, passage_prompt: str | N
 
     folder = Path(name)
     if folder.exists() and not (folder / "config.json").is_file():
-        raise ValueError(f"--model {name}: no config.json there; a teacher is a Hugging Face model folder or export")
+        raise UserError(f"--model {name}: no config.json there; a teacher is a Hugging Face model folder or export")
     config = load_pretrained(load_config, name, "--model", "model config")
     folder = load_pretrained(model_files, name, "--model")
     pooling, bidirectional = stored_pooling(name, folder)
@@ -474,7 +426,7 @@ def resolve_teacher(name: str, query_prompt: str | None, passage_prompt: str | N
     length = stored_max_length(folder) or DEFAULT_MAX_LENGTH
     named = sorted(k for k in prompts if k.endswith("-query"))
     if query_prompt is None and "query" not in prompts and named:
-        raise ValueError(
+        raise UserError(
             f"--model {name} was trained with several query prompts ({', '.join(named)}) and has no default: "
             "pass --query-prompt with the one that fits this data (the text of one of them)"
         )
@@ -485,7 +437,7 @@ def resolve_teacher(name: str, query_prompt: str | None, passage_prompt: str | N
     ):
         stored = prompts.get(key, prompts.get("passage", "") if key == "document" else "")
         if given is not None and given != stored and stored and given.strip() == stored.strip():
-            raise ValueError(
+            raise UserError(
                 f"{flag} {given!r} differs from {name}'s stored {key} prompt {stored!r} only by whitespace; "
                 f"prompts are prepended as-is: pass {stored!r}"
             )
@@ -519,7 +471,7 @@ def load_teacher(t: Teacher, dtype: str, device: torch.device):
             "--model",
         )
     except (KeyError, RuntimeError) as e:  # e.g. weights that do not fit the config
-        raise ValueError(f"--model {t.name}: cannot load it as a bi-encoder ({type(e).__name__}: {e})") from e
+        raise UserError(f"--model {t.name}: cannot load it as a bi-encoder ({type(e).__name__}: {e})") from e
     return enc.to(device).eval(), torch_dtype
 
 
@@ -940,7 +892,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     check_output_free(cfg)
     cache_root = Path(cfg.cache_dir or Path(cfg.output_dir) / ".embedding_cache")
-    check_shared_folder(cache_root)
+    check_shared_folder(
+        cache_root,
+        "--cache-dir",
+        "The ranks hand embeddings over through this folder: on several nodes, put --cache-dir on a "
+        "filesystem that every node mounts (e.g. NFS or Lustre)",
+    )
     teachers = resolve_teachers(cfg)  # before reading or embedding anything: fail fast
     task = read_task(cfg)
     log0("config:", json.dumps(asdict(cfg)))

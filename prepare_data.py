@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from common import atomic_dir, atomic_file, load_pretrained, prompt_prefix, run_cli, with_prompt
+from common import UserError, atomic_dir, atomic_file, load_pretrained, prompt_prefix, run_cli, with_prompt
 from dataset import ARRAYS, FORMAT_VERSION, PreparedData, sha256_of
 
 REPO_ID = "nvidia/embed-nemotron-dataset-v1"
@@ -78,7 +78,7 @@ LONG_CHARS, CUT_CHARS = 16, 8
 SETTINGS = ("tokenizer", "query_max_len", "passage_max_len", "num_negatives", "subsets", "skip_invalid")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message names the file and the row or id."""
 
 
@@ -100,30 +100,30 @@ class Config:
 
     def validate(self) -> None:
         if self.inspect is None and self.index is not None:
-            raise ValueError("--index only goes with --inspect OUTPUT_DIR")
+            raise UserError("--index only goes with --inspect OUTPUT_DIR")
         if self.inspect is not None:
             return
         if self.download_path is None and not self.jsonl:
             self.download_path = DEFAULT_DOWNLOAD_PATH
         if self.download_path is None and self.subsets is not None:
-            raise ValueError("--subsets picks subsets of --download-path; give --download-path too")
+            raise UserError("--subsets picks subsets of --download-path; give --download-path too")
         if self.download_path is not None and self.subsets is None:
             self.subsets = list(RECIPE_SUBSETS)
         for name in ("query_max_len", "passage_max_len"):
             if getattr(self, name) < 2:
                 flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} must be >= 2 (BOS + one token), got {getattr(self, name)}")
+                raise UserError(f"{flag} must be >= 2 (BOS + one token), got {getattr(self, name)}")
         if self.num_negatives < 0:
-            raise ValueError(f"--num-negatives must be >= 0, got {self.num_negatives}")
+            raise UserError(f"--num-negatives must be >= 0, got {self.num_negatives}")
         if self.num_proc < 1:
-            raise ValueError(f"--num-proc must be >= 1, got {self.num_proc}")
+            raise UserError(f"--num-proc must be >= 1, got {self.num_proc}")
         for path in self.jsonl:
             if not Path(path).is_file():
-                raise ValueError(f"--jsonl {path}: no such file")
+                raise UserError(f"--jsonl {path}: no such file")
         names = self.subset_names()
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"subset names must be unique (a JSONL file is named by its stem): {duplicates}")
+            raise UserError(f"subset names must be unique (a JSONL file is named by its stem): {duplicates}")
 
     def subset_names(self) -> list[str]:
         return list(self.subsets or []) + [Path(p).stem for p in self.jsonl]
@@ -173,7 +173,7 @@ def load_tokenizer(name: str):
 
     tok = load_pretrained(AutoTokenizer.from_pretrained, name, "--tokenizer", "tokenizer")
     if not tok.is_fast:
-        raise ValueError(f"--tokenizer {name}: needs a fast (Rust) tokenizer, got {type(tok).__name__}")
+        raise UserError(f"--tokenizer {name}: needs a fast (Rust) tokenizer, got {type(tok).__name__}")
     return tok
 
 
@@ -182,7 +182,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     for dtype in (np.uint16, np.uint32):
         if vocab_size - 1 <= np.iinfo(dtype).max:
             return np.dtype(dtype)
-    raise ValueError(f"vocab size {vocab_size} does not fit uint32")
+    raise UserError(f"vocab size {vocab_size} does not fit uint32")
 
 
 class ShardTokenizer:
@@ -270,7 +270,7 @@ class ShardTokenizer:
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
         if tokens.size and int(tokens.max()) >= self.vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"tokenizer {self.name} produced token id {int(tokens.max())} >= its vocab size {self.vocab_size} "
                 f"(len(tokenizer)); its vocabulary is inconsistent, use another tokenizer"
             )
@@ -989,7 +989,7 @@ def already_prepared(cfg: Config, out: Path) -> bool:
     except (OSError, ValueError):
         meta = {}
     if meta.get("complete") is not True:
-        raise ValueError(
+        raise UserError(
             f"--output-dir {out} exists but is not a complete prepared folder; remove it or pass --overwrite"
         )
     there = {k: meta.get(k) for k in SETTINGS}
@@ -998,7 +998,7 @@ def already_prepared(cfg: Config, out: Path) -> bool:
     if meta.get("format_version") != FORMAT_VERSION:
         diffs.append(f"format_version: {meta.get('format_version')!r} there, {FORMAT_VERSION} now")
     if diffs:
-        raise ValueError(
+        raise UserError(
             f"--output-dir {out} was prepared with other settings ({'; '.join(diffs)}); "
             f"pass --overwrite to rebuild it, or choose another --output-dir"
         )
@@ -1121,7 +1121,7 @@ def inspect(cfg: Config) -> None:
             )
         return
     if not 0 <= cfg.index < len(data):
-        raise ValueError(f"--index {cfg.index} is out of range: {data.path} has {len(data)} queries")
+        raise UserError(f"--index {cfg.index} is out of range: {data.path} has {len(data)} queries")
     tok = load_tokenizer(meta["tokenizer"])
 
     def decode(ids: np.ndarray) -> str:
@@ -1137,7 +1137,7 @@ def inspect(cfg: Config) -> None:
 
 
 def main(argv=None) -> None:
-    """Errors a user can fix raise ValueError (DataError included); run_cli prints them without a traceback."""
+    """Errors a user can fix raise UserError (DataError included); run_cli prints them without a traceback."""
     cfg = parse_args(argv)
     if cfg.inspect is not None:
         inspect(cfg)

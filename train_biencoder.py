@@ -33,6 +33,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -46,8 +47,20 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
-from common import load_pretrained, run_cli, write_atomic
-from dataset import PreparedData
+from common import UserError, load_pretrained, read_json_file, run_cli, write_atomic
+from dataset import PreparedData, data_fingerprint, data_summary
+from distributed import (
+    barrier,
+    broadcast,
+    check_shared_folder,
+    gather,
+    local_rank,
+    log0,
+    rank,
+    stop_unless_all,
+    where,
+    world_size,
+)
 from model import (
     BiEncoder,
     check_rotary_buffers,
@@ -100,7 +113,7 @@ class TrainConfig:
     def validate(self):
         def need(ok, msg):
             if not ok:
-                raise ValueError(msg)
+                raise UserError(msg)
 
         need(self.global_batch_size >= 1, f"--global-batch-size must be >= 1, got {self.global_batch_size}")
         need(
@@ -183,10 +196,10 @@ def parse_config(argv=None) -> TrainConfig:
     args = parser.parse_args(argv)
     values = {}
     if args.config:
-        values = json.loads(Path(args.config).read_text())
+        values = read_json_file(args.config, "--config")
         unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown:
-            raise ValueError(f"{args.config}: unknown keys {sorted(unknown)}")
+            raise UserError(f"{args.config}: unknown keys {sorted(unknown)}")
     values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "local_rank")})
     cfg = TrainConfig(**values)
     cfg.validate()
@@ -216,19 +229,6 @@ def lr_at(n: int, cfg: TrainConfig, T: int) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # Distributed bookkeeping
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def log0(*args):
-    if rank() == 0:
-        tqdm.write(" ".join(str(a) for a in args))
 
 
 def micro_batch_loss_scale(step_queries: int, world: int) -> float:
@@ -325,14 +325,14 @@ def check_inputs(cfg: TrainConfig, world: int) -> tuple[PreparedData, object]:
     """The data, the model's config and tokenizer, the batch arithmetic -> (data, model config)."""
     data_path = Path(cfg.data)
     if not (data_path / "meta.json").is_file():
-        raise ValueError(
+        raise UserError(
             f"--data {cfg.data}: no prepared data (meta.json missing). "
             f"Run: python prepare_data.py --output-dir {cfg.data}"
         )
     data = PreparedData(data_path)
     stored = data.meta["num_negatives"]
     if cfg.num_negatives > stored:
-        raise ValueError(
+        raise UserError(
             f"--num-negatives {cfg.num_negatives} but {cfg.data} holds {stored} negatives per query; "
             f"re-run prepare_data.py with --num-negatives {cfg.num_negatives} or lower --num-negatives"
         )
@@ -340,31 +340,31 @@ def check_inputs(cfg: TrainConfig, world: int) -> tuple[PreparedData, object]:
     if model_path.exists():
         weights = list(model_path.glob("*.safetensors")) + list(model_path.glob("*.bin"))
         if not (model_path / "config.json").is_file() or not weights:
-            raise ValueError(f"--model {cfg.model}: a model folder needs config.json and *.safetensors/*.bin weights")
+            raise UserError(f"--model {cfg.model}: a model folder needs config.json and *.safetensors/*.bin weights")
     tok = load_pretrained(AutoTokenizer.from_pretrained, cfg.model, "--model", "tokenizer")
     model_config = load_pretrained(load_config, cfg.model, "--model", "config")
     check_vocab_covers_tokenizer(len(tok), model_config.vocab_size, cfg.model)
     if len(tok) != data.meta["vocab_size"]:
-        raise ValueError(
+        raise UserError(
             f"{cfg.data} was tokenized with {data.meta['tokenizer']} (vocab {data.meta['vocab_size']}) but the "
             f"tokenizer of --model {cfg.model} has {len(tok)} tokens; re-run prepare_data.py --tokenizer {cfg.model}"
         )
     G = cfg.global_batch_size
     if G % world:
-        raise ValueError(f"--global-batch-size {G} is not divisible by the {world} GPUs")
+        raise UserError(f"--global-batch-size {G} is not divisible by the {world} GPUs")
     if cfg.micro_batch_size is not None:
         share = G // world
         if cfg.micro_batch_size > share:
-            raise ValueError(
+            raise UserError(
                 f"--micro-batch-size {cfg.micro_batch_size} exceeds a GPU's share of the step ({G} / {world} = {share})"
             )
         if share % cfg.micro_batch_size:
-            raise ValueError(
+            raise UserError(
                 f"--global-batch-size {G} != per-GPU x accumulation x GPUs: {share} queries per GPU do not "
                 f"divide into micro-batches of {cfg.micro_batch_size}"
             )
     if len(data) == 0:
-        raise ValueError(f"{cfg.data} holds no queries")
+        raise UserError(f"{cfg.data} holds no queries")
     return data, model_config
 
 
@@ -411,11 +411,11 @@ def build_ds_config(cfg: TrainConfig, world: int, model_config=None) -> dict:
     the JSON says otherwise: summing micro-batch gradients in bf16 would round them at every addition.
     """
     if not Path(cfg.deepspeed).is_file():
-        raise ValueError(f"--deepspeed {cfg.deepspeed}: no such file (see ds_configs/)")
-    ds = json.loads(Path(cfg.deepspeed).read_text())
+        raise UserError(f"--deepspeed {cfg.deepspeed}: no such file (see ds_configs/)")
+    ds = read_json_file(cfg.deepspeed, "--deepspeed")
     for key in ENGINE_ONLY_KEYS:
         if key in ds:
-            raise ValueError(f"{cfg.deepspeed}: remove '{key}'; the optimizer and LR schedule are set by the script")
+            raise UserError(f"{cfg.deepspeed}: remove '{key}'; the optimizer and LR schedule are set by the script")
     micro = cfg.micro_batch_size or 1
     gas = max(cfg.global_batch_size // (micro * world), 1)
     wanted = {
@@ -426,16 +426,16 @@ def build_ds_config(cfg: TrainConfig, world: int, model_config=None) -> dict:
     }
     for key, value in wanted.items():
         if key in ds and ds[key] != value and ds[key] != "auto":
-            raise ValueError(
+            raise UserError(
                 f"{cfg.deepspeed}: '{key}': {ds[key]} contradicts the script's batch arithmetic ({value}); "
                 f"remove it from the JSON and set --global-batch-size / --micro-batch-size / --max-grad-norm"
             )
         if ds.get(key) == "auto":
-            raise ValueError(f"{cfg.deepspeed}: '{key}': \"auto\" is only resolved by the HF Trainer; remove it")
+            raise UserError(f"{cfg.deepspeed}: '{key}': \"auto\" is only resolved by the HF Trainer; remove it")
     ds.update(wanted)
     zero = ds.get("zero_optimization", {})
     if zero.get("stage") != 3:
-        raise ValueError(f"{cfg.deepspeed}: this script trains with ZeRO stage 3 (zero_optimization.stage = 3)")
+        raise UserError(f"{cfg.deepspeed}: this script trains with ZeRO stage 3 (zero_optimization.stage = 3)")
     if any(zero.get(key) == "auto" for key in BUCKET_KEYS):
         sizes = bucket_sizes(model_config or load_config(cfg.model))
         zero.update({key: sizes[key] for key in BUCKET_KEYS if zero.get(key) == "auto"})
@@ -453,7 +453,41 @@ def read_latest(ckpt_dir: Path) -> str | None:
     return f.read_text().strip() if f.is_file() else None
 
 
-def save_checkpoint(engine, cfg: TrainConfig, step: int, num_steps: int, final_loss: float | None, data_meta: dict):
+def node_local_checkpoints(ds_config: dict) -> bool:
+    """DeepSpeed's `"checkpoint": {"use_node_local_storage": true}`: --output-dir is a folder on each
+    node's own disk. Each node then holds its own ranks' shards, and its first process writes
+    train_state.json and `latest` and prunes there; otherwise --output-dir must be one folder that
+    every node sees, and rank 0 alone writes them."""
+    return bool(ds_config.get("checkpoint", {}).get("use_node_local_storage", False))
+
+
+def checkpoint_writer(node_local: bool) -> bool:
+    """Does this process write train_state.json and `latest`, and prune, in its --output-dir?"""
+    return local_rank() == 0 if node_local else rank() == 0
+
+
+SHARED_OR_NODE_LOCAL = (
+    "On several nodes, put --output-dir on a filesystem that every node mounts (NFS, Lustre), or keep "
+    'checkpoints on each node\'s own disk with "checkpoint": {"use_node_local_storage": true} in the --deepspeed JSON'
+)
+
+
+def check_run_folder(cfg: TrainConfig, node_local: bool, data: PreparedData) -> None:
+    """Before any model is built, every rank at once: the same --output-dir (unless checkpoints are
+    node-local) and the same prepared data as rank 0. Otherwise all ranks stop with one message
+    naming the ranks and hosts: a rank that resumed from another folder, or trained on other data,
+    would be a hang at best and a silently wrong model at worst."""
+    if not node_local:
+        check_shared_folder(Path(cfg.output_dir), "--output-dir", SHARED_OR_NODE_LOCAL)
+    hosts = gather(socket.gethostname())
+    prints = gather(data_fingerprint(data.meta))
+    problems = [None if f == prints[0] else f"--data {cfg.data} holds other data than rank 0's" for f in prints]
+    stop_unless_all(problems, hosts, "every rank must read the same prepared data (copy the same folder to each node)")
+
+
+def save_checkpoint(
+    engine, cfg: TrainConfig, step: int, num_steps: int, final_loss: float | None, data_meta: dict, node_local: bool
+):
     """DeepSpeed's shards + our state; `latest` moves only after every rank finished writing."""
     ckpt_dir = Path(cfg.output_dir) / CKPT_DIR
     tag = f"step_{step:08d}"
@@ -464,15 +498,16 @@ def save_checkpoint(engine, cfg: TrainConfig, step: int, num_steps: int, final_l
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tag_dir / f"rng_rank{rank():05d}.pt")
-    if rank() == 0:
+    writer = checkpoint_writer(node_local)
+    if writer:
         state = train_state(step, num_steps, final_loss, world_size(), dataclasses.asdict(cfg), data_meta)
         write_atomic(tag_dir / "train_state.json", json.dumps(state, indent=2))
     maybe_fault("save", step)
-    dist.barrier()
-    if rank() == 0:
+    barrier()
+    if writer:
         write_atomic(ckpt_dir / LATEST, tag)
         prune_checkpoints(ckpt_dir, tag, cfg.keep_checkpoints)
-    dist.barrier()
+    barrier()
 
 
 def train_state(step: int, num_steps: int, final_loss, world: int, config: dict, data_meta: dict) -> dict:
@@ -484,6 +519,7 @@ def train_state(step: int, num_steps: int, final_loss, world: int, config: dict,
         "final_loss": final_loss,
         "world_size": world,
         "config": config,
+        "data": data_summary(data_meta),  # what the data was: a resume on other data stops
         # What the export gives sentence-transformers: each subset's exact query and passage prompt
         # strings (query None: JSONL lines with prompts of their own) and the data's token limits.
         "prompts": {
@@ -510,25 +546,93 @@ def maybe_fault(where: str, step: int):
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
-def resume(engine, cfg: TrainConfig) -> int:
-    """Load the last complete checkpoint, if any; return the number of steps already done."""
+def missing_for_resume(tag_dir: Path, r: int) -> str | None:
+    """What rank r cannot read of checkpoint `tag_dir` in its own view of the folder (None: nothing)."""
+    if not tag_dir.is_dir():
+        return f"no folder {tag_dir.resolve()}"
+    wanted = {
+        "train_state.json": ["train_state.json"],
+        f"rng_rank{r:05d}.pt": [f"rng_rank{r:05d}.pt"],
+        f"zero_pp_rank_{r}_mp_rank_00_model_states.pt": [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"],
+        f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt": [
+            f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for prefix in ("bf16_", "")
+        ],
+    }
+    missing = [
+        label
+        for label, names in wanted.items()
+        if not any((tag_dir / n).is_file() and os.access(tag_dir / n, os.R_OK) for n in names)
+    ]
+    return f"cannot read {', '.join(missing)} in {tag_dir.resolve()}" if missing else None
+
+
+def find_resume_point(cfg: TrainConfig, data: PreparedData) -> tuple[str, dict] | None:
+    """The checkpoint every rank resumes from, decided before any model is built: rank 0's `latest`,
+    broadcast; each rank checks that it can read its part of it (its shards, its RNG state,
+    train_state.json), and all stop together, naming the ranks and hosts, if any cannot. Then the
+    settings, the number of GPUs and the data must be those of the run that wrote it."""
     ckpt_dir = Path(cfg.output_dir) / CKPT_DIR
-    tag = read_latest(ckpt_dir)
+    hosts = gather(socket.gethostname())
+    latest = gather(read_latest(ckpt_dir))
+    tag = broadcast(latest[0])
     if tag is None:
-        return 0
-    state = json.loads((ckpt_dir / tag / "train_state.json").read_text())
-    diff = [k for k in RESUME_FIELDS if state["config"].get(k) != getattr(cfg, k)]
+        seen = [f"{where(r, hosts)} has {t}" for r, t in enumerate(latest) if t]
+        if seen:
+            raise UserError(
+                f"rank 0 ({hosts[0]}) finds no checkpoint in {ckpt_dir.resolve()}, but {'; '.join(seen)}: "
+                "the ranks would start from different weights. Restore rank 0's folder to resume, or give every "
+                "rank a new --output-dir to start anew"
+            )
+        return None
+    state_file = ckpt_dir / tag / "train_state.json"
+    state = broadcast(json.loads(state_file.read_text()) if rank() == 0 and state_file.is_file() else None)
+    if state is not None:  # when rank 0 cannot read it, that is said with the other ranks' problems below
+        check_resume_settings(cfg, data, state, ckpt_dir / tag)
+    stop_unless_all(
+        gather(missing_for_resume(ckpt_dir / tag, rank())),
+        hosts,
+        f"cannot resume from checkpoint {tag} (rank 0's latest): every rank needs its own shards of it. "
+        + SHARED_OR_NODE_LOCAL,
+    )
+    others = [f"{where(r, hosts)}: {t}" for r, t in enumerate(latest) if t != tag]
+    if others:
+        log0(f"resuming every rank from rank 0's latest checkpoint {tag}; other ranks' latest: {'; '.join(others)}")
+    return tag, state
+
+
+def check_resume_settings(cfg: TrainConfig, data: PreparedData, state: dict, tag_dir: Path) -> None:
+    """The settings that define the run, its data (fingerprint) and its number of GPUs must be those of
+    the run that wrote the checkpoint (its train_state.json)."""
+    diff = [
+        f"{k}: checkpoint {state['config'].get(k)!r} vs now {getattr(cfg, k)!r}"
+        for k in RESUME_FIELDS
+        if state["config"].get(k) != getattr(cfg, k)
+    ]
+    now = data_summary(data.meta)
+    then = state.get("data")  # absent in checkpoints written before it was recorded
+    if then is not None and then["fingerprint"] != now["fingerprint"]:
+        changed = [f"{k} {then.get(k)!r} -> {now[k]!r}" for k in now if k != "fingerprint" and then.get(k) != now[k]]
+        diff.append(
+            f"data: --data {cfg.data} holds other data than the checkpoint was trained on (fingerprint "
+            f"{then['fingerprint'][:12]} -> {now['fingerprint'][:12]}"
+            + (f"; {', '.join(changed)}" if changed else "; same sizes and settings, other tokens")
+            + ")"
+        )
     if diff:
-        details = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs now {getattr(cfg, k)!r}" for k in diff)
-        raise ValueError(
-            f"{ckpt_dir / tag} was written with other settings ({details}); "
-            f"use the same settings to resume or another --output-dir to start a new run"
+        raise UserError(
+            f"{tag_dir} was written with other settings ({'; '.join(diff)}); "
+            f"use the same settings and data to resume, or another --output-dir to start a new run"
         )
     if state["world_size"] != world_size():
-        raise ValueError(
-            f"{ckpt_dir / tag} was written by {state['world_size']} GPUs, this run has {world_size()}: "
+        raise UserError(
+            f"{tag_dir} was written by {state['world_size']} GPUs, this run has {world_size()}: "
             "ZeRO-3 checkpoints resume on the same number of GPUs"
         )
+
+
+def load_checkpoint(engine, cfg: TrainConfig, tag: str) -> int:
+    """Load checkpoint `tag` (find_resume_point's) into the engine; return the number of steps done."""
+    ckpt_dir = Path(cfg.output_dir) / CKPT_DIR
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:  # DeepSpeed only warns when it cannot load
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
@@ -701,7 +805,7 @@ def print_plan(cfg: TrainConfig, data: PreparedData, model_config, ds_config: di
     else:
         report = encoder_key_report(encoder, stored)
         if report["missing"] or report["unexpected"]:
-            raise ValueError(
+            raise UserError(
                 f"--model {cfg.model}: the checkpoint does not match the encoder: missing {report['missing'][:6]}, "
                 f"unexpected {report['unexpected'][:6]}"
             )
@@ -792,6 +896,9 @@ def main(argv=None):
     deepspeed.init_distributed()
     atexit.register(remove_cpu_shm_buffer)
     assert world_size() == W, (world_size(), W)
+    node_local = node_local_checkpoints(ds_config)
+    check_run_folder(cfg, node_local, data)
+    resume_from = find_resume_point(cfg, data)  # (tag, state) or None; every check before the model loads
     torch.manual_seed(cfg.seed)
 
     model, optimizer = build_engine(cfg, ds_config)
@@ -804,7 +911,7 @@ def main(argv=None):
     device = engine.device
     check_rope(engine.module)
 
-    start_step = resume(engine, cfg)
+    start_step = load_checkpoint(engine, cfg, resume_from[0]) if resume_from else 0
     if rank() == 0:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         write_atomic(Path(cfg.output_dir) / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -856,7 +963,7 @@ def main(argv=None):
         metrics.log(row, num_steps)
         bar.update(1)
         if step % cfg.save_every == 0 or step == last_step:
-            save_checkpoint(engine, cfg, step, num_steps, final_loss, data.meta)
+            save_checkpoint(engine, cfg, step, num_steps, final_loss, data.meta, node_local)
     bar.close()
     log0(f"done: {last_step} steps, final loss {final_loss}, checkpoints in {Path(cfg.output_dir) / CKPT_DIR}")
 
@@ -886,4 +993,4 @@ def train_step(engine, data, cfg: TrainConfig, queries: np.ndarray, lengths: np.
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))  # a ValueError (a user error): "train_biencoder.py: error: ...", exit status 2
+    sys.exit(run_cli(main))  # a UserError: "train_biencoder.py: error: ...", exit status 2

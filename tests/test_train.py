@@ -8,8 +8,8 @@ independence from the GPU / micro-batch split, exact resume after kills, and the
 import dataclasses
 import json
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,9 +20,10 @@ import pytest
 import torch
 
 import train_biencoder as tb
+from common import UserError
 from dataset import PreparedData
 from model import BiEncoder, contrastive_loss
-from tiny_models import REPO, copy_minilm, deepspeed_launcher, save_tiny_llama, tiny_llama
+from tiny_models import REPO, TwoNodes, copy_minilm, deepspeed_launcher, free_port, save_tiny_llama, tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -47,10 +48,10 @@ def scifact_subset(dst: Path, num_queries: int) -> Path:
     return dst
 
 
-def prepare(src_root: Path, subset: str, tokenizer: Path, out: Path, max_len: int = 128) -> Path:
+def prepare(src_root: Path, subset: str, tokenizer: Path, out: Path, max_len: int = 128, *extra: str) -> Path:
     cmd = [sys.executable, str(REPO / "prepare_data.py"), "--download-path", str(src_root), "--subsets", subset]
     cmd += ["--tokenizer", str(tokenizer), "--output-dir", str(out)]
-    cmd += ["--query-max-len", str(max_len), "--passage-max-len", str(max_len), "--num-proc", "1"]
+    cmd += ["--query-max-len", str(max_len), "--passage-max-len", str(max_len), "--num-proc", "1", *extra]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out
 
@@ -66,10 +67,13 @@ def setup(tmp_path_factory):
     return {"root": root, "model": model, "data": data, "ds": ds}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TRAIN_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def train_args(setup, out, extra=()) -> list:
+    """train_biencoder.py and the arguments every launch of this module shares."""
+    args = [REPO / "train_biencoder.py", "--model", setup["model"], "--data", setup["data"], "--output-dir", out]
+    return [*args, "--deepspeed", setup["ds"], "--global-batch-size", "8", "--lr", "1e-3", "--save-every", "2", *extra]
 
 
 def launch(setup, out: str, ranks: int = 2, extra=(), env=None, check=True, timeout=600):
@@ -77,10 +81,8 @@ def launch(setup, out: str, ranks: int = 2, extra=(), env=None, check=True, time
     out_dir = setup["root"] / out
     port = free_port()
     cmd = [deepspeed_launcher(), "--num_gpus", str(ranks), "--master_port", str(port)]
-    cmd += [str(REPO / "train_biencoder.py"), "--model", str(setup["model"]), "--data", str(setup["data"])]
-    cmd += ["--output-dir", str(out_dir), "--deepspeed", str(setup["ds"]), "--global-batch-size", "8"]
-    cmd += ["--lr", "1e-3", "--save-every", "2", *extra]
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **(env or {})}
+    cmd += [str(a) for a in train_args(setup, out_dir, extra)]
+    full_env = {**TRAIN_ENV, **(env or {})}
     res = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
     if check and res.returncode != 0:
         raise AssertionError(f"training failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
@@ -167,9 +169,26 @@ def test_split_does_not_change_the_math(setup, reference):
         assert [r["grad_norm"] for r in other] == pytest.approx(reference["grad_norm"], rel=1e-4)
 
 
-def test_kill_and_resume_give_bitwise_equal_weights(setup):
-    steps = ["--epochs", "2", "--max-steps", "6", "--micro-batch-size", "2"]  # 24 queries: 3 steps an epoch
-    _, clean = launch(setup, "clean", extra=steps)
+STEPS6 = ["--epochs", "2", "--max-steps", "6", "--micro-batch-size", "2"]  # 24 queries: 3 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def clean_run(setup) -> Path:
+    """An uninterrupted 2-rank run in one folder: what every interrupted or two-node run must equal."""
+    return launch(setup, "clean", extra=STEPS6)[1]
+
+
+def wait_for_steps(out: Path, steps: int, procs, timeout: float = 300) -> None:
+    """Until rank 0 has logged `steps` steps (a checkpoint every 2 steps: step 2's is then complete)."""
+    deadline = time.time() + timeout
+    log = out / "metrics.jsonl"
+    while not (log.exists() and len(log.read_text().splitlines()) >= steps):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "the run ended or stalled"
+        time.sleep(0.2)
+
+
+def test_kill_and_resume_give_bitwise_equal_weights(setup, clean_run):
+    steps, clean = STEPS6, clean_run
     # 1) the whole job dies while writing the checkpoint of step 4: `latest` must still say step 2
     res, crashed = launch(setup, "crash_in_save", extra=steps, env={"BIENCODER_FAULT": "save:4"}, check=False)
     assert res.returncode != 0
@@ -179,20 +198,13 @@ def test_kill_and_resume_give_bitwise_equal_weights(setup):
     killed = setup["root"] / "killed"
     proc = subprocess.Popen(
         [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port())]
-        + [str(REPO / "train_biencoder.py"), "--model", str(setup["model"]), "--data", str(setup["data"])]
-        + ["--output-dir", str(killed), "--deepspeed", str(setup["ds"]), "--global-batch-size", "8"]
-        + ["--lr", "1e-3", "--save-every", "2", *steps],
-        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"},
+        + [str(a) for a in train_args(setup, killed, steps)],
+        env=TRAIN_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        log = killed / "metrics.jsonl"
-        if log.exists() and len(log.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
+    wait_for_steps(killed, 3, [proc])
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(metrics(killed)) < 6
@@ -209,21 +221,77 @@ def test_kill_and_resume_give_bitwise_equal_weights(setup):
     assert kept == ["step_00000004", "step_00000006"]  # --keep-checkpoints 2
 
 
-def test_resume_with_other_settings_is_refused(setup):
-    # The state a run with temperature 0.02 left (what resume() reads before DeepSpeed's own files).
+def test_resume_with_other_settings_or_other_data_is_refused(setup, tmp_path):
+    # The state a run with temperature 0.02 left on data prepared at 128 tokens (what the resume reads
+    # before DeepSpeed's own files); then the data folder is re-prepared at the same path at 96 tokens.
+    data = prepare(setup["root"] / "raw", "SciFact", setup["model"], tmp_path / "prepared", 128)
     out = setup["root"] / "other_settings"
-    args = ["--model", setup["model"], "--data", setup["data"], "--output-dir", out, "--deepspeed", setup["ds"]]
+    args = ["--model", setup["model"], "--data", data, "--output-dir", out, "--deepspeed", setup["ds"]]
     args += ["--global-batch-size", "8", "--lr", "1e-3", "--micro-batch-size", "2"]
     written = tb.parse_config([str(a) for a in args])
     tag = out / "checkpoints" / "step_00000002"
     tag.mkdir(parents=True)
-    state = tb.train_state(2, 3, 1.0, 2, dataclasses.asdict(written), PreparedData(setup["data"]).meta)
+    state = tb.train_state(2, 3, 1.0, 2, dataclasses.asdict(written), PreparedData(data).meta)
     (tag / "train_state.json").write_text(json.dumps(state))
     (out / "checkpoints" / "latest").write_text("step_00000002")
-    res, _ = launch(setup, "other_settings", extra=["--micro-batch-size", "2", "--temperature", "0.05"], check=False)
-    assert res.returncode != 0
-    assert "temperature: checkpoint 0.02 vs now 0.05" in res.stderr + res.stdout
-    assert "other settings" in res.stderr + res.stdout
+    prepare(setup["root"] / "raw", "SciFact", setup["model"], data, 96, "--overwrite")
+    extra = ["--micro-batch-size", "2", "--temperature", "0.05"]
+    res, _ = launch({**setup, "data": data}, "other_settings", extra=extra, check=False)
+    log = res.stderr + res.stdout
+    assert res.returncode != 0 and "Traceback" not in log
+    assert "temperature: checkpoint 0.02 vs now 0.05" in log and "other settings" in log
+    assert f"data: --data {data} holds other data than the checkpoint was trained on" in log
+    assert "query_max_len 128 -> 96, passage_max_len 128 -> 96" in log
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_two_nodes_without_a_shared_output_dir_stop_before_training(setup, tmp_path):
+    """Two nodes, each with its own disk, and a relative --output-dir: node 1 would resume from (or
+    train into) another folder than node 0. Both stop at start with one message; nothing is trained."""
+    nodes = TwoNodes(tmp_path)
+    for code, log in nodes.run(train_args(setup, "out", STEPS6), TRAIN_ENV):
+        assert code != 0
+        assert "--output-dir out: rank 1 on " in log and "cannot see the files rank 0 (" in log, log[-3000:]
+        assert "use_node_local_storage" in log and "Traceback" not in log
+    for d in nodes.dirs:
+        assert not (d / "out" / "metrics.jsonl").exists() and not (d / "out" / "checkpoints").exists()
+
+
+def test_two_nodes_with_node_local_checkpoints_resume_exactly(setup, clean_run, tmp_path):
+    """ "checkpoint": {"use_node_local_storage": true}: each node keeps its ranks' shards on its own disk,
+    writes its own `latest` and prunes its own copy. Train, kill -9 both nodes, run again: the losses
+    are those of the one-folder run; export_hf.py says what it needs, and the shards of both nodes put
+    together are that run's final weights."""
+    import export_hf
+
+    ds = tmp_path / "node_local.json"
+    ds.write_text(json.dumps({**FP32_ZERO3, "checkpoint": {"use_node_local_storage": True}}))
+    nodes = TwoNodes(tmp_path)
+    args = train_args({**setup, "ds": ds}, "out", STEPS6)
+    out0, out1 = (d / "out" for d in nodes.dirs)
+    procs = nodes.start(args, TRAIN_ENV)
+    wait_for_steps(out0, 3, procs)
+    nodes.kill(procs)
+    assert 3 <= len(metrics(out0)) < 6
+    results = nodes.run(args, TRAIN_ENV)
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert "resumed from step" in results[0][1]
+    assert [r["loss"] for r in metrics(out0)] == [r["loss"] for r in metrics(clean_run)]
+    for node, out in enumerate((out0, out1)):
+        ckpt = out / "checkpoints"
+        assert (ckpt / "latest").read_text().strip() == "step_00000006"
+        assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000004", "step_00000006"]
+        tag = ckpt / "step_00000006"
+        assert (tag / "train_state.json").is_file()
+        shards = {f.name for f in tag.glob("*zero_pp_rank_*")}
+        assert shards and all(f"zero_pp_rank_{node}_" in name for name in shards), shards
+    with pytest.raises(UserError, match=r"holds the shards of ranks \[0\] of 2: .*use_node_local_storage"):
+        export_hf.open_source(str(out0), None)
+    for f in (out1 / "checkpoints" / "step_00000006").iterdir():
+        if not (out0 / "checkpoints" / "step_00000006" / f.name).exists():
+            shutil.copy2(f, out0 / "checkpoints" / "step_00000006")
+    want, got = final_weights(clean_run), final_weights(out0)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 LLAMA31_ROPE = {  # Llama-3.1-8B's config.json

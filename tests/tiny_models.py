@@ -1,9 +1,13 @@
 """Small real tokenizers and tiny random models for hermetic tests (no downloads)."""
 
 import importlib.util
+import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,63 @@ def free_port() -> int:
 def deepspeed_launcher() -> str:
     """The `deepspeed` launcher of the environment running the tests (whether or not it is on PATH)."""
     return str(Path(sys.executable).parent / "deepspeed")
+
+
+class TwoNodes:
+    """Two nodes on this machine, as two hosts with local disks: one launch of the deepspeed launcher per
+    node (a hostfile naming two hosts, --no_ssh, --node_rank 0 | 1, master 127.0.0.1), one rank each,
+    each started in its own working directory, so that a relative path names a different folder on
+    each "node". No fault is injected: the ranks see what two real nodes would see.
+
+        nodes = TwoNodes(tmp_path)
+        results = nodes.run([script, "--output-dir", "out", ...], env)   # [(returncode, output)] per node
+        nodes.dirs[1] / "out"                                            # node 1's folder
+    """
+
+    def __init__(self, root: Path):
+        self.dirs = [root / "node0", root / "node1"]
+        for d in self.dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        self.hostfile = root / "hostfile"
+        self.hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+
+    def start(self, args: list, env: dict) -> list[subprocess.Popen]:
+        port = str(free_port())
+        procs = []
+        for node, cwd in enumerate(self.dirs):
+            cmd = [deepspeed_launcher(), "--hostfile", str(self.hostfile), "--no_ssh", "--node_rank", str(node)]
+            cmd += ["--master_addr", "127.0.0.1", "--master_port", port, *map(str, args)]
+            log = open(cwd / "launch.log", "w")  # this launch's output (the last launch's, after a restart)
+            procs.append(
+                subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+            log.close()
+        return procs
+
+    def wait(self, procs: list[subprocess.Popen], timeout: float = 600) -> list[tuple[int, str]]:
+        deadline = time.time() + timeout
+        for p in procs:
+            try:
+                p.wait(timeout=max(1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                self.kill(procs)
+                raise
+        logs = [(d / "launch.log").read_text() for d in self.dirs]
+        return [(p.returncode, log) for p, log in zip(procs, logs, strict=True)]
+
+    def run(self, args: list, env: dict, timeout: float = 600) -> list[tuple[int, str]]:
+        return self.wait(self.start(args, env), timeout)
+
+    @staticmethod
+    def kill(procs: list[subprocess.Popen]) -> None:
+        """kill -9 of every node's launcher and its ranks, as a job scheduler's cancel or a power loss."""
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            p.wait()
 
 
 def package_dir(package: str, sub: str) -> Path:
