@@ -19,9 +19,9 @@ is ever used to fill a short list: such queries are counted in the summary.
 
 How: each text list (corpus, queries) is embedded once per teacher in chunks of --chunk-size texts
 (longest first, packed batches through BiEncoder.encode), the chunks spread over every rank, each
-written into a memory-mapped .npy in the cache as soon as it is done; a killed run resumes at the
-first missing chunk. Search is exact and in bounded memory: blocks of queries x blocks of the
-corpus with a running top-k.
+written whole into a file of its own in the cache as soon as it is done (no file is written by two
+ranks); a killed run resumes at the missing chunks. Search is exact and in bounded memory: blocks of
+queries x blocks of the corpus with a running top-k; each rank writes its results to a file of its own.
 
 On 8 GPUs (one teacher replica per GPU; no ZeRO), two teachers downloaded to local folders
 (each embedded as its sentence-transformers files say: mean, cls or last-token pooling, the model's
@@ -53,8 +53,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from common import UserError, atomic_dir, atomic_file, load_pretrained, run_cli
-from distributed import barrier, check_shared_folder, log0, rank, world_size
+from common import UserError, atomic_dir, atomic_file, load_pretrained, run_cli, write_atomic
+from distributed import barrier, broadcast, check_shared_folder, gather, local_rank, log0, rank, world_size
 from prepare_data import (
     DataError,
     doc_id_lists,
@@ -68,7 +68,7 @@ from prepare_data import (
     subset_metadata,
 )
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: one file per chunk (chunks/NNNNNN.npy) and rows.npy
 # Storage dtypes of the cached embeddings. numpy has no bfloat16: its bits are stored as int16.
 STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
 COMPUTE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,6 +98,7 @@ class MineConfig:
     cache_dir: str | None = None  # None: <output-dir>/.embedding_cache
     chunk_size: int = 4096  # texts per cached chunk: the unit of resume
     query_block: int = 16384  # queries held on the device during search
+    search_precision: str = "auto"  # bf16 scoring decided in fp32 (auto on GPUs), or fp32 throughout
     doc_block: int = 16384  # corpus rows per search block
     overwrite: bool = False
 
@@ -113,6 +114,8 @@ class MineConfig:
         for name in ("batch_size", "chunk_size", "query_block", "doc_block"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.search_precision not in ("auto", "bf16", "fp32"):
+            raise UserError(f"--search-precision must be auto, bf16 or fp32, got {self.search_precision!r}")
         if self.max_length is not None and self.max_length < 2:
             raise UserError(f"--max-length must be >= 2, got {self.max_length}")
         for flag, prompts in (("--query-prompt", self.query_prompt), ("--passage-prompt", self.passage_prompt)):
@@ -153,6 +156,12 @@ def parse_args(argv=None) -> MineConfig:
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help=f"texts per cached chunk ({d.chunk_size})")
     p.add_argument("--query-block", type=int, default=d.query_block, help=f"search: queries ({d.query_block})")
     p.add_argument("--doc-block", type=int, default=d.doc_block, help=f"search: documents ({d.doc_block})")
+    p.add_argument(
+        "--search-precision",
+        choices=["auto", "bf16", "fp32"],
+        default=d.search_precision,
+        help="bf16: score blocks in bfloat16, decide on fp32 rescores (same result); auto: bf16 on GPUs",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # the launcher's
     args = vars(p.parse_args(argv))
@@ -387,10 +396,14 @@ class Teacher:
     bidirectional: bool = True  # False: the model's own attention (causal for a decoder)
 
 
-def teacher_identity(name: str) -> str:
-    """A local folder: its config.json and the name, size and mtime of each weight file; else the hub name."""
+def teacher_identity(name: str, files: Path | None = None) -> str:
+    """A local folder: its config.json and the name, size and mtime of each weight file. A hub name: the
+    name and the revision (commit) its files came from (`files`: the snapshot folder model_files
+    fetched, .../snapshots/<commit>), so that a new release of the model is never served from the cache."""
     folder = Path(name)
     if not folder.is_dir():
+        if files is not None and Path(files).parent.name == "snapshots":
+            return f"{name}@{Path(files).name}"
         return name
     h = hashlib.sha256((folder / "config.json").read_bytes())
     for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
@@ -446,7 +459,7 @@ def resolve_teacher(name: str, query_prompt: str | None, passage_prompt: str | N
     if getattr(config, "max_position_embeddings", None):  # as BiEncoder.encode caps it
         length = min(length, config.max_position_embeddings)
     return Teacher(
-        name, resolved["query"], resolved["document"], length, teacher_identity(name), pooling, bidirectional
+        name, resolved["query"], resolved["document"], length, teacher_identity(name, folder), pooling, bidirectional
     )
 
 
@@ -461,18 +474,42 @@ def resolve_teachers(cfg: MineConfig) -> list[Teacher]:
 
 
 def load_teacher(t: Teacher, dtype: str, device: torch.device):
+    """The teacher on this rank's device. The ranks of a node take turns: a rank loads into host memory
+    and moves the weights to its GPU before the next one starts, so a node holds one host copy at a
+    time (8 ranks x 16 GB for an 8B teacher in bf16 would be 128 GB at once). On the CPU the turns only
+    serialise the loads."""
     from model import BiEncoder
 
     torch_dtype = COMPUTE[("bfloat16" if device.type == "cuda" else "float32") if dtype == "auto" else dtype]
-    try:
-        enc = load_pretrained(
-            lambda n: BiEncoder.from_pretrained(n, dtype=torch_dtype, pooling=t.pooling, bidirectional=t.bidirectional),
-            t.name,
-            "--model",
-        )
-    except (KeyError, RuntimeError) as e:  # e.g. weights that do not fit the config
-        raise UserError(f"--model {t.name}: cannot load it as a bi-encoder ({type(e).__name__}: {e})") from e
-    return enc.to(device).eval(), torch_dtype
+
+    def load():
+        try:
+            enc = load_pretrained(
+                lambda n: BiEncoder.from_pretrained(
+                    n, dtype=torch_dtype, pooling=t.pooling, bidirectional=t.bidirectional
+                ),
+                t.name,
+                "--model",
+            )
+        except (KeyError, RuntimeError) as e:  # e.g. weights that do not fit the config
+            raise UserError(f"--model {t.name}: cannot load it as a bi-encoder ({type(e).__name__}: {e})") from e
+        return enc.to(device).eval()
+
+    if world_size() == 1:
+        return load(), torch_dtype
+    turns = max(gather(local_rank())) + 1
+    enc, error = None, None
+    for turn in range(turns):
+        if turn == local_rank():
+            try:
+                enc = load()
+            except UserError as e:  # said after the turns, so that no rank waits at a barrier for ever
+                error = e
+        barrier()
+    errors = gather(str(error) if error else None)
+    if any(errors):
+        raise UserError(next(e for e in errors if e))
+    return enc, torch_dtype
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,11 +539,49 @@ def maybe_fault(chunks_written: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class ChunkedRows:
+    """The (n, D) embeddings of a text list, read from a complete cache folder's chunk files:
+    rows[idx] (an index array or a slice) gathers the rows from the chunks that hold them. Each chunk
+    file is written whole by one rank and never touched again, so no two ranks (or nodes) ever write
+    the same file or page. rows.npy (written once, by rank 0) lists each chunk's rows, chunk after chunk."""
+
+    def __init__(self, folder: Path):
+        meta = json.loads((folder / "meta.json").read_text())
+        self.files = [np.load(chunk_file(folder, c), mmap_mode="r") for c in range(meta["num_chunks"])]
+        self.shape, self.dtype = (meta["num_texts"], meta["dim"]), np.dtype(STORAGE[meta["embedding_dtype"]])
+        order = np.load(folder / "rows.npy")
+        sizes = [len(f) for f in self.files]
+        self.chunk_of = np.empty(len(order), np.int32)
+        self.pos_of = np.empty(len(order), np.int64)
+        self.chunk_of[order] = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+        self.pos_of[order] = np.concatenate([np.arange(n) for n in sizes]) if sizes else []
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.arange(*rows.indices(self.shape[0])) if isinstance(rows, slice) else np.asarray(rows)
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        which = self.chunk_of[rows]
+        for c in np.unique(which):
+            sel = which == c
+            out[sel] = self.files[c][self.pos_of[rows[sel]]]
+        return out
+
+
+def chunk_file(folder: Path, c: int) -> Path:
+    return folder / "chunks" / f"{c:06d}.npy"
+
+
 def embed_cached(
     enc, t: Teacher, compute_dtype, texts: list[str], role: str, cfg: MineConfig, cache_root: Path
-) -> tuple[np.ndarray, dict]:
-    """(n, D) embeddings of `texts` for teacher t (read-only memmap), computed chunk by chunk, or read
-    from the cache. The key covers everything that changes the numbers, so a stale cache is never used."""
+) -> tuple[ChunkedRows, dict]:
+    """(n, D) embeddings of `texts` for teacher t, computed chunk by chunk, or read from the cache. The
+    key covers everything that changes the numbers, so a stale cache is never used.
+
+    Each chunk is one file, written whole by the rank that embedded it (fsync, then an atomic rename):
+    a file there is complete. Rank 0 decides which chunks are done and broadcasts it, the ranks share
+    the others, whatever their number was in an earlier, interrupted run."""
     prompt = t.passage_prompt if role == "corpus" else t.query_prompt
     key_fields = {
         "version": CACHE_VERSION,
@@ -525,17 +600,18 @@ def embed_cached(
     folder = cache_root / f"{role}-{key}"
     dim = enc.encoder.config.hidden_size
     chunks = chunk_plan(texts, cfg.chunk_size)
-    if rank() == 0 and not (folder / "meta.json").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "done").mkdir(exist_ok=True)
-        with atomic_file(folder / "embeddings.npy") as tmp:  # allocated (sparse), then filled in place
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=STORAGE[cfg.embedding_dtype], shape=(len(texts), dim))
-        (folder / "meta.json").write_text(json.dumps({**key_fields, "dim": dim, "num_chunks": len(chunks)}, indent=1))
-    barrier()
-    emb = np.load(folder / "embeddings.npy", mmap_mode="r+")
-    done = {int(p.name) for p in (folder / "done").iterdir()}
-    mine = [c for c in range(len(chunks)) if c % world_size() == rank() and c not in done]
-    cached = len(done)
+    done = None
+    if rank() == 0:
+        (folder / "chunks").mkdir(parents=True, exist_ok=True)
+        if not (folder / "meta.json").is_file():  # written once, by rank 0: no other rank writes them
+            with atomic_file(folder / "rows.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, np.concatenate([np.sort(c) for c in chunks]) if chunks else np.zeros(0, np.int64))
+            meta = {**key_fields, "dim": dim, "num_chunks": len(chunks)}
+            write_atomic(folder / "meta.json", json.dumps(meta, indent=1))
+        done = [c for c in range(len(chunks)) if chunk_file(folder, c).is_file()]
+    done = set(broadcast(done))
+    todo = [c for c in range(len(chunks)) if c not in done]
+    mine = todo[rank() :: world_size()]
     t0 = time.perf_counter()
     n_mine = sum(len(chunks[c]) for c in mine)
     bar = tqdm(
@@ -545,7 +621,7 @@ def embed_cached(
         disable=rank() != 0 or not n_mine or bool(os.environ.get("TQDM_DISABLE")),
     )
     for written, c in enumerate(mine, 1):
-        idx = np.sort(chunks[c])  # ascending rows: sequential writes
+        idx = np.sort(chunks[c])  # ascending rows
         out = enc.encode(
             [texts[i] for i in idx],
             prompt=prompt,
@@ -554,20 +630,24 @@ def embed_cached(
             show_progress=None if rank() == 0 else False,  # one bar per chunk, from rank 0 only
         )
         if cfg.embedding_dtype == "bfloat16":
-            emb[idx] = out.to(torch.bfloat16).view(torch.int16).numpy()
+            rows = out.to(torch.bfloat16).view(torch.int16).numpy()
         else:
-            emb[idx] = out.numpy().astype(STORAGE[cfg.embedding_dtype])
-        emb.flush()
-        (folder / "done" / f"{c:06d}").touch()  # after the flush: a marker means the rows are on disk
+            rows = out.numpy().astype(STORAGE[cfg.embedding_dtype])
+        with atomic_file(chunk_file(folder, c)) as tmp, open(tmp, "wb") as f:
+            np.save(f, rows)
         bar.update(len(idx))
         maybe_fault(written)
     bar.close()
     barrier()
-    missing = len(chunks) - sum(1 for _ in (folder / "done").iterdir())
-    assert missing == 0, f"{folder}: {missing} chunks missing after every rank finished"
+    missing = None
+    if rank() == 0:
+        missing = [c for c in range(len(chunks)) if not chunk_file(folder, c).is_file()]
+    missing = broadcast(missing)
+    if missing:
+        raise RuntimeError(f"{folder}: chunks {missing[:10]} missing after every rank finished")
     seconds = time.perf_counter() - t0
-    info = {"cache": str(folder), "chunks": len(chunks), "chunks_cached": cached, "seconds": round(seconds, 2)}
-    return np.load(folder / "embeddings.npy", mmap_mode="r"), info
+    info = {"cache": str(folder), "chunks": len(chunks), "chunks_cached": len(done), "seconds": round(seconds, 2)}
+    return ChunkedRows(folder), info
 
 
 def as_float(block: np.ndarray, device) -> torch.Tensor:
@@ -620,7 +700,50 @@ def pair_scores(qs: list[np.ndarray], ds: list[np.ndarray], rows: np.ndarray, co
 
 
 def thresholds(pos_min: np.ndarray, margin: float, margin_type: str) -> np.ndarray:
-    return pos_min * margin if margin_type == "perc" else pos_min - margin
+    """A negative must score below this. abs: s - margin, s the query's lowest positive score.
+    perc: s x margin when s > 0. For s <= 0, s x margin would lie ABOVE s (a document scoring more than
+    the positive could pass), so the same relative distance is taken below it: s - (1 - margin) |s|,
+    which is s x (2 - margin); at s = 0 the threshold is 0. Never above s for margin <= 1."""
+    if margin_type == "abs":
+        return pos_min - margin
+    return np.where(pos_min > 0, pos_min * margin, pos_min * (2 - margin)).astype(pos_min.dtype)
+
+
+BF16_UNIT_ROUNDOFF = 2.0**-8  # bfloat16 keeps 8 significant bits: |fl(x) - x| <= 2^-8 |x|
+FP32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def bf16_score_error(dim: int, q_norm: float, d_norm: float) -> float:
+    """e: a bound on |low - exact| for one teacher's score of a query row and a document row whose norms
+    are at most q_norm and d_norm, where exact is the fp32 dot product of the fp32 rows and low the
+    product of the rows rounded to bfloat16, accumulated in fp32 and rounded to bfloat16 (a bf16 GEMM).
+
+    With u = 2^-8, v = 2^-24 and g = D v / (1 - D v) (the bound on a D-term fp32 sum, Higham 3.1),
+    and N = q_norm x d_norm (Cauchy-Schwarz bounds every sum of |q_i d_i| by it):
+      rounding q and d to bf16             |q~.d~ - q.d| <= (2u + u^2) N
+      fp32 accumulation of q~.d~           <= g (1 + u)^2 N
+      the fp32 reference's own rounding     <= g N
+      rounding the result to bf16          <= u (1 + u)^2 (1 + g) N
+    e = N [2u + u^2 + g (1 + u)^2 + g + u (1 + u)^2 (1 + g)], about 0.0123 for unit rows of 4,096 dims.
+    The mean over T teachers keeps the largest e plus the fp32 rounding of the mean (2 v N, added)."""
+    u, v = BF16_UNIT_ROUNDOFF, FP32_UNIT_ROUNDOFF
+    g = dim * v / (1 - dim * v)
+    n = q_norm * d_norm
+    return n * (2 * u + u * u + g * (1 + u) ** 2 + g + u * (1 + u) ** 2 * (1 + g) + 2 * v)
+
+
+def exact_pair_scores(q: list[torch.Tensor], d: list[torch.Tensor], rows: torch.Tensor, cols: torch.Tensor):
+    """fp32 scores of the (rows[j], cols[j]) pairs of a block: the mean over teachers of the fp32 dot
+    product, computed in pieces of at most 2^24 multiply-adds."""
+    out = torch.zeros(len(rows), device=rows.device)
+    step = max(1, (1 << 24) // q[0].shape[1])
+    for a in range(0, len(rows), step):
+        r, c = rows[a : a + step], cols[a : a + step]
+        total = (q[0][r] * d[0][c]).sum(1)
+        for t in range(1, len(q)):
+            total += (q[t][r] * d[t][c]).sum(1)
+        out[a : a + step] = total / len(q) if len(q) > 1 else total
+    return out
 
 
 @torch.no_grad()
@@ -635,68 +758,122 @@ def search(
     cfg: MineConfig,
     device,
     show_progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    precision: str = "fp32",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """For the queries `rows` (ascending): the top k documents by combined score that are not excluded
     (positives, kept negatives) and score below the query's threshold, (value desc, row asc), and how
     many non-excluded documents scored at or above the threshold.
 
+    precision "fp32": every score is the fp32 matrix product. "bf16": blocks are scored by a bfloat16
+    matrix product (tensor cores on a GPU), and every decision is taken on fp32 scores: with e the
+    bound on the bf16 score's error (bf16_score_error), a document is dropped outright when
+    low - e >= threshold, is no candidate when low + e < threshold... and can still be in the top k;
+    it is rescored in fp32 when low is within e of the threshold, or low + e reaches the k-th best
+    lower bound known (the k-th largest low - e among sure candidates, or the k-th fp32 score kept
+    so far). Every other document provably has k documents strictly above it. The negatives, their
+    order, their scores and the dropped counts are those of fp32 scores of the pairs.
+
     Memory on the device: query_block x D x teachers, doc_block x D x teachers, one
     (score_rows x doc_block) score block; never the (queries x corpus) matrix.
-    Returns scores (n, k) (-inf where none), doc rows (n, k) (-1), dropped (n,).
+    Returns scores (n, k) (-inf where none), doc rows (n, k) (-1), dropped (n,), pairs rescored in fp32.
     """
     n, N, T = len(rows), ds[0].shape[0], len(qs)
+    D = ds[0].shape[1]
     k_eff = min(k, N)
+    lowp = precision == "bf16"
     out_v = np.full((n, k), -np.inf, np.float32)
     out_i = np.full((n, k), -1, np.int64)
     out_drop = np.zeros(n, np.int64)
+    rescored = 0
     score_rows = max(1, min(cfg.query_block, (1 << 24) // max(cfg.doc_block, 1)))  # <= 64 MB of fp32 scores
     blocks = [(a, min(a + cfg.query_block, n)) for a in range(0, n, cfg.query_block)]
     bar = tqdm(total=len(blocks) * math.ceil(N / cfg.doc_block), desc="search", unit="block", disable=not show_progress)
-    for a, b in blocks:
-        r = rows[a:b]
-        q = [as_float(x[r], device) for x in qs]
-        th = torch.from_numpy(thr[r]).to(device).unsqueeze(1)
-        # excluded (local row, doc) pairs of this query block, by doc for the per-block selection
-        lens = excl_off[r + 1] - excl_off[r]
-        er = np.repeat(np.arange(len(r)), lens)
-        ec = np.concatenate([excl_idx[excl_off[i] : excl_off[i + 1]] for i in r]) if lens.sum() else np.zeros(0, int)
-        best_v = torch.full((len(r), k_eff), -math.inf, device=device)
-        best_i = torch.full((len(r), k_eff), -1, dtype=torch.long, device=device)
-        dropped = torch.zeros(len(r), dtype=torch.long, device=device)
-        for c0 in range(0, N, cfg.doc_block):
-            c1 = min(c0 + cfg.doc_block, N)
-            d = [as_float(x[c0:c1], device) for x in ds]
-            sel = (ec >= c0) & (ec < c1)
-            pr = torch.from_numpy(er[sel]).to(device)
-            pc_ = torch.from_numpy(ec[sel] - c0).to(device)
-            for s0 in range(0, len(r), score_rows):
-                s1 = min(s0 + score_rows, len(r))
-                s = q[0][s0:s1] @ d[0].T  # (rows, docs)
-                for t in range(1, T):
-                    s += q[t][s0:s1] @ d[t].T
-                if T > 1:
-                    s /= T
-                m = (pr >= s0) & (pr < s1)
-                s[pr[m] - s0, pc_[m]] = -math.inf  # never a negative, never counted as dropped
-                above = s >= th[s0:s1]
-                dropped[s0:s1] += above.sum(1)
-                s.masked_fill_(above, -math.inf)
-                v, i = topk_first(s, k_eff)
-                # earlier blocks hold lower rows: a stable sort keeps ties in corpus order
-                v = torch.cat([best_v[s0:s1], v], 1)
-                i = torch.cat([best_i[s0:s1], i + c0], 1)
-                order = torch.argsort(v, dim=1, descending=True, stable=True)[:, :k_eff]
-                best_v[s0:s1], best_i[s0:s1] = v.gather(1, order), i.gather(1, order)
-            bar.update()
-        out_v[a:b, :k_eff] = best_v.cpu().numpy()
-        out_i[a:b, :k_eff] = best_i.cpu().numpy()
-        out_drop[a:b] = dropped.cpu().numpy()
+    reduced = getattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", None)
+    if reduced is not None:  # the bound assumes fp32 accumulation inside the bf16 GEMM
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        for a, b in blocks:
+            r = rows[a:b]
+            q = [as_float(x[r], device) for x in qs]
+            q16 = [x.to(torch.bfloat16) for x in q] if lowp else q
+            q_norm = max(float(x.norm(dim=1).max()) for x in q) if lowp and len(r) else 0.0
+            th = torch.from_numpy(thr[r]).to(device).unsqueeze(1)
+            # excluded (local row, doc) pairs of this query block, by doc for the per-block selection
+            lens = excl_off[r + 1] - excl_off[r]
+            er = np.repeat(np.arange(len(r)), lens)
+            ec = np.concatenate([excl_idx[excl_off[i] : excl_off[i + 1]] for i in r] or [np.zeros(0, np.int64)])
+            best_v = torch.full((len(r), k_eff), -math.inf, device=device)
+            best_i = torch.full((len(r), k_eff), -1, dtype=torch.long, device=device)
+            dropped = torch.zeros(len(r), dtype=torch.long, device=device)
+            for c0 in range(0, N, cfg.doc_block):
+                c1 = min(c0 + cfg.doc_block, N)
+                d = [as_float(x[c0:c1], device) for x in ds]
+                d16 = [x.to(torch.bfloat16) for x in d] if lowp else d
+                e = bf16_score_error(D, q_norm, max(float(x.norm(dim=1).max()) for x in d)) if lowp else 0.0
+                sel = (ec >= c0) & (ec < c1)
+                pr = torch.from_numpy(er[sel]).to(device)
+                pc_ = torch.from_numpy(ec[sel] - c0).to(device)
+                for s0 in range(0, len(r), score_rows):
+                    s1 = min(s0 + score_rows, len(r))
+                    s = (q16[0][s0:s1] @ d16[0].T).float()  # (rows, docs)
+                    for t in range(1, T):
+                        s += (q16[t][s0:s1] @ d16[t].T).float()
+                    if T > 1:
+                        s /= T
+                    m = (pr >= s0) & (pr < s1)
+                    s[pr[m] - s0, pc_[m]] = -math.inf  # never a negative, never counted as dropped
+                    if lowp:
+                        s, n_rescored = rescore(s, e, th[s0:s1], best_v[s0:s1, -1:], k_eff, q, d, s0, dropped[s0:s1])
+                        rescored += n_rescored
+                    else:
+                        above = s >= th[s0:s1]
+                        dropped[s0:s1] += above.sum(1)
+                        s.masked_fill_(above, -math.inf)
+                    v, i = topk_first(s, k_eff)
+                    # earlier blocks hold lower rows: a stable sort keeps ties in corpus order
+                    v = torch.cat([best_v[s0:s1], v], 1)
+                    i = torch.cat([best_i[s0:s1], i + c0], 1)
+                    order = torch.argsort(v, dim=1, descending=True, stable=True)[:, :k_eff]
+                    best_v[s0:s1], best_i[s0:s1] = v.gather(1, order), i.gather(1, order)
+                bar.update()
+            out_v[a:b, :k_eff] = best_v.cpu().numpy()
+            out_i[a:b, :k_eff] = best_i.cpu().numpy()
+            out_drop[a:b] = dropped.cpu().numpy()
+    finally:
+        if reduced is not None:
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
     bar.close()
     out_i[~np.isfinite(out_v)] = -1
-    return out_v, out_i, out_drop
+    return out_v, out_i, out_drop, rescored
 
 
-def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path) -> dict:
+def rescore(low, e, th, kth_kept, k, q, d, s0, dropped) -> tuple[torch.Tensor, int]:
+    """One bf16 score block -> the block of fp32 scores that decide (search's "bf16" precision): -inf for
+    every document that is dropped, excluded or provably outside the top k; `dropped` counts the
+    dropped ones. low: (rows, docs) bf16 scores (-inf: excluded); th: (rows, 1) thresholds;
+    kth_kept: (rows, 1) the k-th fp32 score kept from earlier blocks (-inf while fewer)."""
+    finite = torch.isfinite(low)
+    sure_above = finite & (low - e >= th)
+    sure_below = finite & (low + e < th)
+    near_threshold = finite & ~sure_above & ~sure_below
+    dropped += sure_above.sum(1)
+    # A lower bound on the k-th best fp32 score below the threshold: k sure candidates score at least
+    # their low - e, and the k kept ones at least kth_kept.
+    bound = torch.where(sure_below, low - e, -math.inf)
+    kk = min(k, bound.shape[1])
+    kth_here = bound.topk(kk, dim=1).values[:, -1:] if kk == k else torch.full_like(kth_kept, -math.inf)
+    floor = torch.maximum(kth_here, kth_kept)
+    need = near_threshold | (sure_below & (low + e >= floor))
+    rows, cols = need.nonzero(as_tuple=True)
+    exact = exact_pair_scores(q, d, rows + s0, cols)
+    out = torch.full_like(low, -math.inf)
+    out[rows, cols] = exact
+    above = out >= th  # only rescored pairs are finite here
+    dropped += above.sum(1)
+    return out.masked_fill_(above, -math.inf), len(rows)
+
+
+def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path, precision: str | None = None) -> dict:
     """Run the rule for every query (query blocks spread over the ranks); on rank 0 the result:
     negatives (CSR), their scores, positive scores, dropped counts."""
     n = task.num_queries
@@ -717,7 +894,10 @@ def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path) -> dict:
     world, me = world_size(), rank()
     blocks = [np.arange(a, min(a + cfg.query_block, n)) for a in range(0, n, cfg.query_block)]
     my_rows = np.concatenate([b for j, b in enumerate(blocks) if j % world == me] or [np.zeros(0, np.int64)])
-    v, i, drop = search(
+    precision = precision or cfg.search_precision
+    if precision == "auto":
+        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    v, i, drop, rescored = search(
         qs,
         ds,
         thr,
@@ -728,47 +908,49 @@ def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path) -> dict:
         cfg,
         device,
         show_progress=me == 0 and not os.environ.get("TQDM_DISABLE"),
+        precision=precision,
     )
-    if world > 1:  # every rank writes its rows into shared arrays; rank 0 reads them all
-        files = {name: scratch / f"{name}.npy" for name in ("v", "i", "drop")}
-        if me == 0:
-            scratch.mkdir(parents=True, exist_ok=True)
-            np.lib.format.open_memmap(files["v"], "w+", np.float32, (n, k))
-            np.lib.format.open_memmap(files["i"], "w+", np.int64, (n, k))
-            np.lib.format.open_memmap(files["drop"], "w+", np.int64, (n,))
-        barrier()
-        for name, part in (("v", v), ("i", i), ("drop", drop)):
-            arr = np.load(files[name], mmap_mode="r+")
-            arr[my_rows] = part
-            arr.flush()
-            del arr
+    if world > 1:  # each rank writes a file of its own, whole; rank 0 reads them all
+        scratch.mkdir(parents=True, exist_ok=True)
+        with atomic_file(scratch / f"rank{me:05d}.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, rows=my_rows, v=v, i=i, drop=drop, rescored=rescored)
         barrier()
         if me != 0:
             return {}
-        v, i, drop = (np.array(np.load(files[name], mmap_mode="r")) for name in ("v", "i", "drop"))
+        v, i, drop = np.empty((n, k), np.float32), np.empty((n, k), np.int64), np.empty(n, np.int64)
+        rescored = 0
+        for r in range(world):
+            with np.load(scratch / f"rank{r:05d}.npz") as part:
+                v[part["rows"]], i[part["rows"]], drop[part["rows"]] = part["v"], part["i"], part["drop"]
+                rescored += int(part["rescored"])
         shutil.rmtree(scratch)
     else:
         order = np.argsort(my_rows)
         v, i, drop = v[order], i[order], drop[order]
 
-    # the final lists: kept negatives first (--keep-existing), then the mined ones in rank order
-    negs, neg_off = [], [0]
+    # The final lists: kept negatives first (--keep-existing), then the mined ones in rank order. A mined
+    # negative's score is the one the search ranked it by (below the threshold by construction); only
+    # kept negatives, which the search never scored, are scored here.
+    kept_q = np.repeat(np.arange(n), np.diff(task.neg_off))
+    kept_scores = pair_scores(qs, ds, kept_q, task.neg_idx) if len(task.neg_idx) else np.zeros(0, np.float32)
+    negs, scores, neg_off = [], [], [0]
     for q in range(n):
-        kept = task.neg_idx[csr_rows(task.neg_off, q)].tolist()
-        mined = [int(j) for j in i[q] if j >= 0][: max(0, k - len(kept))]
-        negs.extend(kept + mined)
+        rows = csr_rows(task.neg_off, q)
+        kept = task.neg_idx[rows].tolist()
+        take = max(0, k - len(kept))
+        found = i[q] >= 0
+        negs.extend(kept + i[q][found][:take].tolist())
+        scores.extend(kept_scores[rows].tolist() + v[q][found][:take].tolist())
         neg_off.append(len(negs))
-    neg_off = np.array(neg_off, np.int64)
-    neg_idx = np.array(negs, np.int64)
-    neg_q = np.repeat(np.arange(n), np.diff(neg_off))
     return {
-        "neg_off": neg_off,
-        "neg_idx": neg_idx,
-        "neg_scores": pair_scores(qs, ds, neg_q, neg_idx),
+        "neg_off": np.array(neg_off, np.int64),
+        "neg_idx": np.array(negs, np.int64),
+        "neg_scores": np.array(scores, np.float32),
         "pos_scores": pos_scores,
         "pos_min": pos_min,
         "threshold": thr,
         "dropped": drop,
+        "search": {"precision": precision, "pairs_rescored_fp32": int(rescored)},
     }
 
 
@@ -805,6 +987,7 @@ def summary(task: Task, res: dict, cfg: MineConfig, teachers: list[Teacher]) -> 
             "min": int(counts.min()),
             "max": int(counts.max()),
         },
+        "search": res.get("search"),
         "queries_with_fewer_than_k": int(len(short)),
         "queries_with_none": int((counts == 0).sum()),
         "short_queries": [task.query_ids[q] for q in short[:20]],
@@ -881,6 +1064,14 @@ def print_summary(stats: dict) -> None:
         f"seconds: {json.dumps(s)}",
         flush=True,
     )
+    if stats["queries_with_none"]:
+        print(
+            f"queries left without any negative: {stats['queries_with_none']} (every candidate scored at or above "
+            f"the threshold; short lists: {stats['short_queries'][:3]}...). prepare_data.py refuses a query "
+            "without negatives; "
+            "pass it --skip-invalid to skip (and count) them, or mine again with a lower --margin",
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -936,8 +1127,7 @@ def main(argv=None) -> int:
         (write_subset if task.kind == "subset" else write_jsonl)(task, res, out)
         stats["seconds"]["write"] = round(time.perf_counter() - t2, 2)
         print_summary(stats)
-    barrier()
-    return 0
+    return 0  # the other ranks end without waiting for rank 0's write (no barrier, no collective timeout)
 
 
 if __name__ == "__main__":

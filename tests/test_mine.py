@@ -43,7 +43,10 @@ def reference(S: np.ndarray, pos: list[list[int]], kept: list[list[int]], k: int
     out = []
     for i, row in enumerate(S):
         low = np.float32(min(row[j] for j in pos[i]))
-        thr = low * np.float32(margin) if margin_type == "perc" else low - np.float32(margin)
+        if margin_type == "abs":
+            thr = low - np.float32(margin)
+        else:  # a lowest positive <= 0: as far below it as margin x low is below a positive one
+            thr = low * np.float32(margin) if low > 0 else low * np.float32(2 - margin)
         excluded = set(pos[i]) | set(kept[i])
         order = np.argsort(-row, kind="stable")  # ties: corpus order
         mined = [int(j) for j in order if j not in excluded and row[j] < thr][: max(0, k - len(kept[i]))]
@@ -75,7 +78,7 @@ def run_mine(*args) -> int:
 
 
 def cached(stats: dict, t: int, role: str) -> np.ndarray:
-    return np.load(Path(stats["embedding"][t][role]["cache"]) / "embeddings.npy").astype(np.float32)
+    return mn.ChunkedRows(Path(stats["embedding"][t][role]["cache"]))[:].astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,6 +126,77 @@ def test_rule_equals_brute_force_with_ties(tmp_path, margin_type, margin, teache
     assert res["dropped"].tolist() == [w[1] for w in want]
     assert np.allclose(res["neg_scores"], [S[i, j] for i in range(n) for j in got[i]])
     assert len(got[1]) < k and any(w[1] > 0 for w in want)  # a short list, and drops, occur
+    # a mined negative's score is the search's, strictly below its query's threshold; the threshold is
+    # never above the lowest positive, also where that is <= 0 (which these data contain)
+    neg_q = np.repeat(np.arange(n), np.diff(res["neg_off"]))
+    mined = np.ones(len(neg_q), bool)
+    for i in range(n):
+        mined[res["neg_off"][i] : res["neg_off"][i] + len(negs[i])] = False  # kept negatives come first
+    assert (res["neg_scores"][mined] < res["threshold"][neg_q[mined]]).all()
+    assert (res["threshold"] <= res["pos_min"]).all() and (res["pos_min"] < 0).any()
+
+
+def test_a_query_left_without_negatives_is_said_with_the_flag_that_skips_it(tmp_path, capsys):
+    # query 0's only positive is the lowest-scoring document: every other one scores above its threshold
+    docs = np.array([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [-1.0, 0.0]], np.float32)
+    queries = np.array([[1.0, 0.0], [1.0, 0.0]], np.float32)
+    task = mn.Task("subset", "t", ["a", "b", "c", "d"], [""] * 4, ["q0", "q1"], [""] * 2,
+                   np.array([0, 1, 2]), np.array([3, 0]), np.zeros(3, np.int64), np.zeros(0, np.int64))  # fmt: skip
+    cfg = mn.MineConfig(data=str(tmp_path / "t"), num_negatives=2, margin=0.95)
+    res = mn.mine(task, [queries], [docs], cfg, torch.device("cpu"), tmp_path / "scratch")
+    assert np.diff(res["neg_off"]).tolist() == [0, 2] and res["threshold"][0] == np.float32(-1.0) * np.float32(1.05)
+    stats = mn.summary(task, res, cfg, [])
+    stats["seconds"] = {}
+    mn.print_summary(stats)
+    out = capsys.readouterr().out
+    assert "queries left without any negative: 1 " in out and "prepare_data.py" in out and "--skip-invalid" in out
+
+
+def test_a_hub_teacher_is_cached_by_name_and_revision(tmp_path):
+    snapshot = tmp_path / "models--org--teacher" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    assert mn.teacher_identity("org/teacher", snapshot) == "org/teacher@0123abcd"
+    assert mn.teacher_identity("org/teacher", tmp_path / "elsewhere") == "org/teacher"
+
+
+@pytest.mark.parametrize("margin_type,margin", [("abs", 2.0**-6), ("perc", 0.95)])
+@pytest.mark.parametrize("teachers", [1, 2])
+def test_bf16_search_decides_exactly_as_fp32(tmp_path, margin_type, margin, teachers):
+    """bf16 block scores, decisions on fp32 rescores: the negatives, their order, their scores and the
+    dropped counts equal the fp32 brute force. Entries are multiples of 2^-10 below 1/2 in magnitude:
+    bfloat16 (8 significant bits) rounds many of them, so the bf16 scores are off, while every fp32
+    product and sum is exact; few distinct values and duplicated documents give exact ties and near
+    ties (2^-20 apart) at the threshold and at the k-th place."""
+    rng = np.random.default_rng(11)
+    n, N, D, k = 29, 300, 6, 7
+    docs = [rng.integers(-511, 512, (N, D)).astype(np.float32) / 1024 for _ in range(teachers)]
+    for d in docs:
+        d[150:200] = d[0:50]  # exact ties
+        d[200:230, 0] = d[0:30, 0] + np.float32(2.0**-10)  # near ties
+    queries = [rng.integers(-511, 512, (n, D)).astype(np.float32) / 1024 for _ in range(teachers)]
+    S = sum(q.astype(np.float64) @ d.astype(np.float64).T for q, d in zip(queries, docs, strict=True)) / teachers
+    assert np.array_equal(S.astype(np.float32).astype(np.float64), S)  # every score is exact in fp32
+    low = sum(
+        torch.from_numpy(q).bfloat16().float().double().numpy()
+        @ torch.from_numpy(d).bfloat16().float().double().numpy().T
+        for q, d in zip(queries, docs, strict=True)
+    )
+    assert np.abs(low / teachers - S).max() > 1e-4  # bfloat16 really rounds these rows
+    task = make_task(n, N, rng, False, lowest=int(np.argmin(S[1])))
+    pos = [task.pos_idx[task.pos_off[i] : task.pos_off[i + 1]].tolist() for i in range(n)]
+    want = reference(S.astype(np.float32), pos, [[] for _ in range(n)], k, margin, margin_type)
+    cfg = mn.MineConfig(num_negatives=k, margin=margin, margin_type=margin_type, query_block=8, doc_block=41)
+    res = mn.mine(task, queries, docs, cfg, torch.device("cpu"), tmp_path / "scratch", precision="bf16")
+    got = [res["neg_idx"][res["neg_off"][i] : res["neg_off"][i + 1]].tolist() for i in range(n)]
+    assert got == [w[0] for w in want]
+    assert res["dropped"].tolist() == [w[1] for w in want]
+    assert res["neg_scores"].tolist() == [np.float32(S[i, j]) for i in range(n) for j in got[i]]
+    assert res["search"]["precision"] == "bf16" and 0 < res["search"]["pairs_rescored_fp32"] < n * N
+    thr = res["threshold"][:, None].astype(np.float64)
+    e = mn.bf16_score_error(D, 0.5 * D**0.5, 0.5 * D**0.5)
+    assert ((np.abs(S - thr) < e) & (S != thr)).any()  # near ties at the threshold: decided by the fp32 rescores
+    scores = [res["neg_scores"][res["neg_off"][i] : res["neg_off"][i + 1]] for i in range(n)]
+    assert any(len(x) > 1 and (np.diff(x) == 0).any() for x in scores)  # exact ties, in corpus order
 
 
 def test_topk_first_breaks_ties_by_column():
@@ -461,7 +535,10 @@ def test_killed_during_embedding_resumes_without_redoing_chunks(tmp_path, llama_
     assert res.returncode == -9, res.stderr[-3000:]  # SIGKILL
     assert not (out / "SciFact").exists()
     (corpus_cache,) = cache.glob("corpus-*")
-    assert len(list((corpus_cache / "done").iterdir())) == 3
+    assert len(list((corpus_cache / "chunks").glob("*.npy"))) == 3  # chunk files, each whole: no temp left
+    assert [f.name for f in (corpus_cache / "chunks").iterdir()] == [
+        f.name for f in (corpus_cache / "chunks").glob("*.npy")
+    ]
     assert run_mine(*mine_cmd(subset, teacher, out, "--cache-dir", cache)) == 0
     stats = json.loads((out / "SciFact" / "mining_stats.json").read_text())
     corpus = stats["embedding"][0]["corpus"]
@@ -506,7 +583,7 @@ def test_half_precision_cache(tmp_path):
             run_mine(*common, "--output-dir", out, "--embedding-dtype", dtype, "--cache-dir", tmp_path / "cache") == 0
         )
         stats = json.loads((out / "SciFact" / "mining_stats.json").read_text())
-        raw = np.load(Path(stats["embedding"][0]["corpus"]["cache"]) / "embeddings.npy", mmap_mode="r")
+        raw = mn.ChunkedRows(Path(stats["embedding"][0]["corpus"]["cache"]))[:]
         assert raw.dtype == stored
         assert np.allclose(mn.as_float(raw, "cpu").numpy(), cached(full, 0, "corpus"), atol=atol)
         _, s16 = read_mined(out)
