@@ -788,6 +788,24 @@ def search(
     score_rows = max(1, min(cfg.query_block, (1 << 24) // max(cfg.doc_block, 1)))  # <= 64 MB of fp32 scores
     blocks = [(a, min(a + cfg.query_block, n)) for a in range(0, n, cfg.query_block)]
     bar = tqdm(total=len(blocks) * math.ceil(N / cfg.doc_block), desc="search", unit="block", disable=not show_progress)
+    kept_blocks = {}
+    keep_corpus = corpus_fits(ds, device, lowp) and len(blocks) > 1
+
+    def doc_block(c0: int, c1: int):
+        """Corpus rows [c0, c1) on the device: fp32, bf16 (or the same fp32) and the largest row norm.
+        Kept for the next query blocks when the whole corpus fits on the device (corpus_fits)."""
+        if c0 in kept_blocks:
+            return kept_blocks[c0]
+        d = [as_float(x[c0:c1], device) for x in ds]
+        block = (
+            d,
+            [x.to(torch.bfloat16) for x in d] if lowp else d,
+            torch.stack([x.norm(dim=1).max() for x in d]).max() if lowp else 0.0,
+        )
+        if keep_corpus:
+            kept_blocks[c0] = block
+        return block
+
     reduced = getattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", None)
     if reduced is not None:  # the bound assumes fp32 accumulation inside the bf16 GEMM
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
@@ -796,7 +814,8 @@ def search(
             r = rows[a:b]
             q = [as_float(x[r], device) for x in qs]
             q16 = [x.to(torch.bfloat16) for x in q] if lowp else q
-            q_norm = max(float(x.norm(dim=1).max()) for x in q) if lowp and len(r) else 0.0
+            # row norms stay on the device (no host synchronisation inside the block loops)
+            q_norm = torch.stack([x.norm(dim=1).max() for x in q]).max() if lowp and len(r) else 0.0
             th = torch.from_numpy(thr[r]).to(device).unsqueeze(1)
             # excluded (local row, doc) pairs of this query block, by doc for the per-block selection
             lens = excl_off[r + 1] - excl_off[r]
@@ -807,9 +826,8 @@ def search(
             dropped = torch.zeros(len(r), dtype=torch.long, device=device)
             for c0 in range(0, N, cfg.doc_block):
                 c1 = min(c0 + cfg.doc_block, N)
-                d = [as_float(x[c0:c1], device) for x in ds]
-                d16 = [x.to(torch.bfloat16) for x in d] if lowp else d
-                e = bf16_score_error(D, q_norm, max(float(x.norm(dim=1).max()) for x in d)) if lowp else 0.0
+                d, d16, d_norm = doc_block(c0, c1)
+                e = bf16_score_error(D, q_norm, d_norm) if lowp else 0.0
                 sel = (ec >= c0) & (ec < c1)
                 pr = torch.from_numpy(er[sel]).to(device)
                 pc_ = torch.from_numpy(ec[sel] - c0).to(device)
@@ -845,6 +863,16 @@ def search(
     bar.close()
     out_i[~np.isfinite(out_v)] = -1
     return out_v, out_i, out_drop, rescored
+
+
+def corpus_fits(ds: list, device, lowp: bool) -> bool:
+    """Can the corpus stay on the device for the whole search (fp32, plus bf16 copies in bf16 mode),
+    within half of the free memory? On the CPU it is read again for each query block instead."""
+    if torch.device(device).type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    need = sum(x.shape[0] * x.shape[1] for x in ds) * (4 + (2 if lowp else 0))
+    return need <= free // 2
 
 
 def rescore(low, e, th, kth_kept, k, q, d, s0, dropped) -> tuple[torch.Tensor, int]:
@@ -892,7 +920,9 @@ def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path, precision: 
 
     k = cfg.num_negatives
     world, me = world_size(), rank()
-    blocks = [np.arange(a, min(a + cfg.query_block, n)) for a in range(0, n, cfg.query_block)]
+    # query blocks of --query-block queries, smaller when that would leave a rank without work
+    size = max(1, min(cfg.query_block, math.ceil(n / world)))
+    blocks = [np.arange(a, min(a + size, n)) for a in range(0, n, size)]
     my_rows = np.concatenate([b for j, b in enumerate(blocks) if j % world == me] or [np.zeros(0, np.int64)])
     precision = precision or cfg.search_precision
     if precision == "auto":

@@ -66,12 +66,11 @@ from model import (
     check_rotary_buffers,
     check_vocab_covers_tokenizer,
     contrastive_loss,
-    empty_encoder,
     load_config,
     pack,
     packed_kernel_name,
 )
-from model.biencoder import encoder_key_report, stored_tensor_names
+from plan import model_sizes, print_plan
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -108,7 +107,8 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     tensorboard: bool = False
     dry_run: bool = False  # check everything, print the plan, exit: no GPU, no weights loaded
-    gpu_memory_gb: float | None = None  # --dry-run's GPU memory where none is visible
+    gpu_memory_gb: float | None = None  # --dry-run: one GPU's memory in GB (1e9 bytes) where none is visible
+    host_memory_gb: float | None = None  # --dry-run: one node's RAM in GB (1e9 bytes); default: this machine's
 
     def validate(self):
         def need(ok, msg):
@@ -131,6 +131,7 @@ class TrainConfig:
         need(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         need(self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
         need(self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "--gpu-memory-gb must be > 0")
+        need(self.host_memory_gb is None or self.host_memory_gb > 0, "--host-memory-gb must be > 0")
 
 
 # Help text of every TrainConfig field: its command-line flag is --field-name (parse_config).
@@ -160,8 +161,10 @@ HELP = {
     "gradient_checkpointing": "recompute activations in the backward pass (less memory, same math)",
     "tensorboard": "also log to OUTPUT_DIR/tensorboard (needs the tensorboard package)",
     "dry_run": "check the data, model, tokenizer, ZeRO JSON and batch arithmetic, print the plan (steps, "
-    "tokens, micro-batches, memory per GPU) and exit; no GPU needed, no weights loaded",
-    "gpu_memory_gb": "with --dry-run: memory of one GPU in GiB, where this machine has no GPU",
+    "tokens, micro-batches, memory per GPU and host memory per node) and exit; no GPU needed, no weights loaded",
+    "gpu_memory_gb": "with --dry-run: memory of one GPU in GB = 1e9 bytes (80 for an 80 GB H100), where this "
+    "machine has no GPU",
+    "host_memory_gb": "with --dry-run: RAM of one node in GB = 1e9 bytes, to plan for a node other than this machine",
 }
 
 
@@ -370,14 +373,6 @@ def check_inputs(cfg: TrainConfig, world: int) -> tuple[PreparedData, object]:
 
 ENGINE_ONLY_KEYS = ("optimizer", "scheduler")
 BUCKET_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
-
-
-def model_sizes(model_config) -> tuple[int, int]:
-    """(parameters of the encoder, parameters of its largest transformer layer), from the config alone."""
-    encoder = empty_encoder(model_config)
-    layers = max((m for m in encoder.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
-    layer = max(sum(p.numel() for p in block.parameters()) for block in layers)
-    return sum(p.numel() for p in encoder.parameters()), layer
 
 
 def bucket_sizes(model_config) -> dict:
@@ -680,10 +675,11 @@ class Metrics:
 
 
 def peak_memory_gb() -> float:
-    """Peak accelerator memory of this rank; on the CPU, the process's peak RSS."""
+    """Peak accelerator memory of this rank in GB (1e9 bytes, as everywhere in the logs and the dry
+    run); on the CPU, the process's peak RSS."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
 # ----------------------------------------------------------------------------------------------
@@ -768,115 +764,6 @@ def setup_cuda():
             )
 
 
-def activation_bytes_per_token(config) -> float:
-    """A rough model of bf16 activation bytes per token with gradient checkpointing: every layer's
-    checkpointed input (2 d), one layer's recompute and backward working set (norms, q/k/v/o, the MLP's
-    gate/up/product) and the fp32 pooling. An estimate, not a measurement."""
-    d, i = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or d // heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    kv *= head_dim
-    return 2 * config.num_hidden_layers * d + 2 * (17 * d + 4 * kv + 6 * i) + 12 * d
-
-
-def step_plans(cfg: TrainConfig, data: PreparedData, W: int, lengths: np.ndarray, steps: int) -> list[dict]:
-    """Per optimizer step of the first epoch: tokens, micro-batches per GPU, largest micro-batch."""
-    order = epoch_order(len(data), cfg.seed, 0)
-    out = []
-    for k in tqdm(range(steps), desc="plan", unit="step", disable=steps < 2000):
-        queries = order[k * cfg.global_batch_size : (k + 1) * cfg.global_batch_size]
-        where = {q: i for i, q in enumerate(queries)}
-        step_lengths = lengths[queries]
-        plan = split_step(queries, step_lengths, W, cfg.micro_batch_size, cfg.max_tokens_per_gpu)
-        biggest = max(sum(int(step_lengths[where[q]]) for q in mb) for mbs in plan for mb in mbs)
-        out.append({"tokens": int(step_lengths.sum()), "micro_batches": len(plan[0]), "max_mb_tokens": biggest})
-    return out
-
-
-def print_plan(cfg: TrainConfig, data: PreparedData, model_config, ds_config: dict, W: int, lengths, T: int):
-    """--dry-run: what the run will do and whether it fits, without a GPU or the weights."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
-    stored = stored_tensor_names(cfg.model)
-    encoder = empty_encoder(model_config)
-    if stored is None:
-        keys = "not listed locally (a hub name not yet downloaded, or .bin weights): checked when the weights load"
-    else:
-        report = encoder_key_report(encoder, stored)
-        if report["missing"] or report["unexpected"]:
-            raise UserError(
-                f"--model {cfg.model}: the checkpoint does not match the encoder: missing {report['missing'][:6]}, "
-                f"unexpected {report['unexpected'][:6]}"
-            )
-        keys = f"all {len(encoder.state_dict())} encoder tensors present" + (
-            f"; dropped (not part of the encoder): {report['dropped']}" if report["dropped"] else ""
-        )
-    total, layer = model_sizes(model_config)
-    steps_per_epoch = math.ceil(len(data) / cfg.global_batch_size)
-    plans = step_plans(cfg, data, W, lengths, steps_per_epoch)
-    tokens = np.array([p["tokens"] for p in plans])
-    mbs = np.array([p["micro_batches"] for p in plans])
-    max_mb = max(p["max_mb_tokens"] for p in plans)
-
-    zero = ds_config["zero_optimization"]
-    offload = zero.get("offload_optimizer", {}).get("device", "none") != "none"
-    offload_params = zero.get("offload_param", {}).get("device", "none") != "none"
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", W))
-    _, states, _ = estimate_zero3_model_states_mem_needs(
-        total, model_config.vocab_size * model_config.hidden_size, per_node, max(1, W // per_node),
-        cpu_offload=offload, cpu_offload_params=offload_params, zero_init=True,
-    )  # fmt: skip
-    bf16 = ds_config.get("bf16", {}).get("enabled", False)
-    if ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32" and bf16 and not offload:
-        states += 2 * total / W  # the gradient partition in fp32 instead of bf16
-    gathered = 2 * layer * (2 if bf16 else 4)  # the current and the prefetched layer, whole
-    act = activation_bytes_per_token(model_config) * max_mb * (1 if bf16 else 2)
-    need = states + gathered + act
-    if torch.cuda.is_available():
-        gpu, gpu_from = torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
-    elif cfg.gpu_memory_gb:
-        gpu, gpu_from = cfg.gpu_memory_gb * 2**30, "--gpu-memory-gb"
-    else:
-        gpu, gpu_from = None, None
-    gib = lambda b: f"{b / 2**30:.1f} GiB"
-    micro = (
-        f"{cfg.micro_batch_size} queries per forward"
-        if cfg.micro_batch_size
-        else f"packed <= {cfg.max_tokens_per_gpu} tokens"
-    )
-    lines = [
-        f"dry run: nothing trained; {W} GPU(s) (WORLD_SIZE; e.g. WORLD_SIZE=8 python train_biencoder.py --dry-run)",
-        f"data       {cfg.data}: {len(data)} queries, {cfg.num_negatives} negatives each, "
-        f"tokenizer {data.meta['tokenizer']}",
-        f"model      {cfg.model}: {model_config.model_type}, {total:,} parameters, largest layer {layer:,}; {keys}",
-        f"steps      {cfg.epochs} epoch(s) x {steps_per_epoch} = {cfg.epochs * steps_per_epoch} steps"
-        + (f", stopping at --max-steps {cfg.max_steps}" if cfg.max_steps else "")
-        + f"; LR schedule length T = {T} (warmup {cfg.warmup_steps}, lr {cfg.lr:g})",
-        f"per step   {cfg.global_batch_size} queries = {cfg.global_batch_size // W} per GPU; tokens mean "
-        f"{tokens.mean():,.0f}, max {tokens.max():,} (all GPUs, no padding)",
-        f"micro      {micro}: micro-batches per GPU per step mean {mbs.mean():.2f}, max {mbs.max()}; "
-        f"largest micro-batch {max_mb:,} tokens",
-        f"zero       prefetch bucket {zero.get('stage3_prefetch_bucket_size')}, reduce bucket "
-        f"{zero.get('reduce_bucket_size')}, persistence threshold {zero.get('stage3_param_persistence_threshold')}, "
-        f"grad accumulation {ds_config.get('data_types', {}).get('grad_accum_dtype', 'model dtype')}, "
-        f"optimizer offload {'on' if offload else 'off'}",
-        f"memory/GPU model states {gib(states)} (DeepSpeed's ZeRO-3 estimator) + 2 gathered layers {gib(gathered)} "
-        f"+ activations {gib(act)} (estimate for {max_mb:,} tokens) = {gib(need)}",
-    ]
-    if gpu is None:
-        lines.append("fits?      no GPU visible: pass --gpu-memory-gb (e.g. 80) to check")
-    else:
-        usable = 0.9 * gpu - 2**30  # CUDA context and allocator slack
-        verdict = (
-            "fits"
-            if need <= usable
-            else "DOES NOT FIT: lower --max-tokens-per-gpu or use ds_configs/zero3_offload.json"
-        )
-        lines.append(f"fits?      {verdict} ({gib(need)} of {gib(usable)} usable on {gib(gpu)}, {gpu_from})")
-    print("\n".join(lines), flush=True)
-
-
 def main(argv=None):
     cfg = parse_config(argv)
     W = int(os.environ.get("WORLD_SIZE", "1"))  # set by the deepspeed launcher on every rank
@@ -889,7 +776,7 @@ def main(argv=None):
     lengths = example_lengths(data, cfg.num_negatives)
     if cfg.dry_run:
         if int(os.environ.get("RANK", "0")) == 0:
-            print_plan(cfg, data, model_config, ds_config, W, lengths, T)
+            print_plan(cfg, data, model_config, ds_config, W, lengths, T, split_step, epoch_order)
         return
     if torch.cuda.is_available():
         setup_cuda()

@@ -388,13 +388,19 @@ def test_dry_run_prints_the_plan_without_loading_weights(setup, tmp_path):
     assert "24 queries" in out and "3 steps; LR schedule length T = 3" in out
     assert "dropped (not part of the encoder): ['lm_head.weight']" in out
     assert "all 20 encoder tensors present" in out  # embeddings, 2 layers x 9, final norm
-    assert "micro-batches per GPU per step mean" in out and "fits (" in out
+    assert "micro-batches per GPU per step mean" in out and "memory in GB = 1e9 bytes" in out
+    assert "GPU fits?  fits (" in out and "on 80.0 GB, --gpu-memory-gb 80)" in out  # 80e9 bytes
+    assert "host fits? fits (" in out and "no model states in host memory" in out  # this machine's RAM
     assert "grad accumulation fp32" in out  # bf16 with several micro-batches per step
     layer = sum(v.numel() for k, v in tiny_llama(0).state_dict().items() if k.startswith("layers.0."))
     assert f"prefetch bucket {layer}, reduce bucket {layer}" in out  # "auto": one layer's parameters
     assert not (tmp_path / "out").exists()  # nothing written
-    res = run_script([*args, "--dry-run", "--gpu-memory-gb", "0.0001"], world_size=2)
-    assert res.returncode == 0 and "DOES NOT FIT" in res.stdout
+    offload = REPO / "ds_configs" / "zero3_offload.json"
+    small = ["--gpu-memory-gb", "0.0001", "--deepspeed", offload, "--host-memory-gb", "0.0001"]
+    res = run_script([*args, "--dry-run", *small], world_size=2)
+    assert res.returncode == 0 and "GPU fits?  DOES NOT FIT" in res.stdout, res.stderr[-2000:]
+    assert "host fits? DOES NOT FIT" in res.stdout and "--host-memory-gb 0.0001" in res.stdout
+    assert "20 B/param" in res.stdout and "fp32 gradient accumulation 4 pinned" in res.stdout  # plan.zero3_buffers
 
 
 def test_cpu_adam_of_the_offload_config_is_torch_adamw():

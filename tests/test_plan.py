@@ -1,0 +1,256 @@
+"""The dry run's memory arithmetic (plan.py): the ZeRO-3 count against DeepSpeed's own estimator, the
+8B figures, GB = 1e9 bytes, the machine's RAM. Fast: nothing launched, no weights."""
+
+import copy
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from bench_setup import llama_config
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+import plan
+import train_biencoder as tb
+from tiny_models import REPO, free_port
+
+P_8B = 7_504_924_672  # Llama-3.1-8B without lm_head
+LAYER_8B = 218_112_000  # one decoder layer
+EMBED_8B = 128256 * 4096  # the largest module (DeepSpeed's estimator's "largest layer")
+
+
+def ds_json(name: str, grad_accum: str | None = None) -> dict:
+    ds = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+    if grad_accum:
+        ds["data_types"] = {"grad_accum_dtype": grad_accum}
+    return ds
+
+
+@pytest.fixture(autouse=True)
+def torch_pinning(monkeypatch):
+    monkeypatch.delenv("DS_PIN_MEMORY_BACKEND", raising=False)  # DeepSpeed pins through torch by default
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+
+
+CASES = list(
+    itertools.product(
+        [P_8B, 1_235_814_400, 109_482_240, 3_000_000_001],  # 8B, 1B, BERT-base, one not divisible by the GPUs
+        [1, 2, 8],  # GPUs per node
+        [1, 2, 4],  # nodes
+        ["zero3_bf16", "zero3_offload"],
+        ["fp32", "bf16"],  # data_types.grad_accum_dtype
+    )
+)
+
+
+@pytest.mark.parametrize("params, per_node, nodes, config, accum", CASES)
+def test_the_count_is_deepspeeds_estimate_plus_what_it_leaves_out(params, per_node, nodes, config, accum):
+    ds = ds_json(config, accum)
+    offload = config == "zero3_offload"
+    W = per_node * nodes
+    cpu, gpu, largest_mem = estimate_zero3_model_states_mem_needs(
+        params, EMBED_8B, per_node, nodes, cpu_offload=offload, cpu_offload_params=False, zero_init=True
+    )
+    assert plan.deepspeed_estimate(params, EMBED_8B, per_node, nodes, ds) == (cpu, gpu)
+    buffers = plan.zero3_buffers(ds)
+    per_param = lambda device, estimated: sum(
+        plan.bytes_per_param(buffers, device, step_only, estimated) for step_only in (False, True)
+    )
+    # What DeepSpeed's estimator counts is exactly the buffers marked in_deepspeed_estimate ...
+    assert per_param("gpu", True) * params / W == pytest.approx(gpu - largest_mem, abs=1)
+    if offload:
+        assert per_param("gpu", True) == 2 and per_param("host", True) == 16
+        assert per_param("host", True) * params / nodes * 1.5 == pytest.approx(cpu, abs=2)
+    else:
+        assert per_param("gpu", True) == 18 and per_param("host", None) == 0
+        assert cpu == int(4 * EMBED_8B * per_node * 1.5)  # its allowance for loading under zero.Init
+    # ... and it leaves out the gradient accumulation partition (and the step's temporaries).
+    left_out = {b.name: (b.device, b.bytes_per_param) for b in buffers if not b.in_deepspeed_estimate}
+    assert left_out[f"{accum} gradient accumulation"] == ("host" if offload else "gpu", {"fp32": 4, "bf16": 2}[accum])
+    assert all(b.step_only for b in buffers if not b.in_deepspeed_estimate and "accumulation" not in b.name)
+    # zero3_memory: bytes per parameter x the partition, summed over a node's ranks (no pinned rounding)
+    m = plan.zero3_memory(params, W, per_node, ds, round_pinned=False)
+    assert m.gpu == pytest.approx(plan.bytes_per_param(buffers, "gpu") * params / W)
+    assert m.host_node == pytest.approx(plan.bytes_per_param(buffers, "host") * params / nodes)
+    assert m.host_node_pinned == pytest.approx(m.host_node)
+
+
+def test_8b_recipe_with_zero3_offload_needs_20_bytes_per_parameter_of_host_memory():
+    """bf16, the optimizer offloaded with pinned memory, fp32 gradient accumulation as build_ds_config
+    sets it for the recipe: 4 fp32 master + 8 Adam + 4 fp32 gradients + 4 fp32 accumulation."""
+    config = llama_config("8b")
+    cfg = tb.TrainConfig(deepspeed=str(REPO / "ds_configs" / "zero3_offload.json"))
+    ds = tb.build_ds_config(cfg, 8, config)
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+    assert plan.model_sizes(config) == (P_8B, LAYER_8B)
+    buffers = plan.zero3_buffers(ds)
+    assert {b.name: b.bytes_per_param for b in buffers if b.device == "host" and not b.step_only} == {
+        "fp32 master weights": 4,
+        "Adam exp_avg + exp_avg_sq": 8,
+        "fp32 gradients": 4,
+        "fp32 gradient accumulation": 4,
+    }
+    assert plan.bytes_per_param(buffers, "host") == 20 and plan.bytes_per_param(buffers, "gpu") == 2
+    assert plan.bytes_per_param(buffers, "host", step_only=True) == 2  # the bf16 copy of the update
+
+    m = plan.zero3_memory(P_8B, 8, 8, ds)
+    assert m.gpu == 2 * P_8B / 8  # 1.9 GB per GPU
+    assert m.host_node == 20 * P_8B  # 150.1 GB per node
+    # the two pinned gradient partitions of each rank (3.75e9 bytes each) take 4 GiB blocks
+    assert m.host_node_pinned == 12 * P_8B + 8 * 2 * 2**32  # 158.8 GB
+    assert m.host_node_step == m.host_node_pinned + 2 * P_8B  # 173.8 GB (partition < sub_group_size)
+    p = plan.memory_plan(P_8B, LAYER_8B, EMBED_8B, plan.activation_bytes_per_token(config), 49152, ds, 8, 8)
+    assert p["deepspeed_host"] == int(16 * P_8B * 1.5)  # 180.1 GB: larger than ours, the one checked
+    assert p["host_need"] == p["deepspeed_host"]
+    lines = "\n".join(plan.memory_lines(p, 49152, (80e9, "--gpu-memory-gb 80"), (256e9, None, "--host-memory-gb 256")))
+    assert "150.1 GB (20 B/param x 938,115,584 parameters per rank x 8" in lines
+    assert "158.8 GB with pinned blocks" in lines and "173.8 GB in the optimizer step" in lines
+    assert "checked: the larger, 180.1 GB" in lines
+    assert "host fits? fits (180.1 GB of 230.4 GB usable = 90% of 256.0 GB, --host-memory-gb 256" in lines
+    assert "GPU fits?  fits (" in lines and "on 80.0 GB, --gpu-memory-gb 80)" in lines
+    # two nodes halve the host memory per node (and the partition per rank)
+    two = plan.memory_plan(P_8B, LAYER_8B, EMBED_8B, plan.activation_bytes_per_token(config), 49152, ds, 16, 8)
+    assert two["states"].host_node == 10 * P_8B and two["deepspeed_host"] == int(8 * P_8B * 1.5)
+    small = "\n".join(plan.memory_lines(p, 49152, None, (128e9, None, "--host-memory-gb 128")))
+    assert "host fits? DOES NOT FIT: more nodes" in small and "no GPU visible: pass --gpu-memory-gb" in small
+
+
+def test_8b_recipe_with_zero3_bf16_per_gpu():
+    config = llama_config("8b")
+    cfg = tb.TrainConfig(deepspeed=str(REPO / "ds_configs" / "zero3_bf16.json"))
+    ds = tb.build_ds_config(cfg, 8, config)
+    buffers = plan.zero3_buffers(ds)
+    assert plan.bytes_per_param(buffers, "gpu") == 18  # 2 bf16 + 4 fp32 master + 8 Adam + 4 fp32 accumulation
+    assert plan.bytes_per_param(buffers, "gpu", step_only=True) == 8  # fp32 gradient + AdamW's sqrt(exp_avg_sq)
+    assert plan.bytes_per_param(buffers, "host") == 0
+    p = plan.memory_plan(P_8B, LAYER_8B, EMBED_8B, plan.activation_bytes_per_token(config), 49152, ds, 8, 8)
+    assert p["gpu_states"] == 18 * P_8B / 8  # 16.9 GB
+    assert p["gpu_step"] == 26 * P_8B / 8 + 2 * LAYER_8B  # + the reduce bucket (one layer, bf16)
+    assert p["working"] == 2 * 2 * LAYER_8B + 2 * LAYER_8B
+    assert p["host_need"] == p["deepspeed_host"] == int(4 * EMBED_8B * 8 * 1.5)  # 25.2 GB
+    assert p["gpu_need"] == p["gpu_backward"] > p["gpu_step"]
+
+
+def test_fp32_model_and_settings_not_counted():
+    buffers = plan.zero3_buffers(ds_json("zero3_fp32"))
+    assert plan.bytes_per_param(buffers, "gpu") == 4 + 4 + 8 + 4  # the master weights are a second copy
+    nvme = ds_json("zero3_offload")
+    nvme["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": "/tmp"}
+    params = ds_json("zero3_bf16")
+    params["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    for ds in (nvme, params):
+        assert plan.zero3_buffers(ds) is None
+        p = plan.memory_plan(P_8B, LAYER_8B, EMBED_8B, 1.0, 1000, ds, 8, 8)
+        assert p["gpu_states"] == p["deepspeed_gpu"] and p["host_need"] == p["deepspeed_host"]
+    unpinned = ds_json("zero3_offload", "fp32")
+    unpinned["zero_optimization"]["offload_optimizer"]["pin_memory"] = False
+    m = plan.zero3_memory(P_8B, 8, 8, unpinned)
+    assert m.host_node_pinned == m.host_node == 20 * P_8B
+
+
+def test_pinned_blocks_are_powers_of_two(monkeypatch):
+    assert plan.pinned_block(3_752_462_336) == 2**32
+    assert plan.pinned_block(2**32) == 2**32 and plan.pinned_block(2**32 + 1) == 2**33
+    monkeypatch.setenv("DS_PIN_MEMORY_BACKEND", "native")  # DeepSpeed's own page-locked allocator
+    assert plan.pinned_block(3_752_462_336) == 3_752_462_336
+
+
+def test_gb_means_1e9_bytes(monkeypatch):
+    monkeypatch.setattr(plan.torch.cuda, "is_available", lambda: False)
+    cfg = tb.parse_config(["--gpu-memory-gb", "80", "--host-memory-gb", "512"])
+    assert plan.gpu_memory(cfg) == (80e9, "--gpu-memory-gb 80")  # an "80 GB" GPU: 80e9 bytes, 74.5 GiB
+    assert plan.host_ram(cfg) == (512e9, None, "--host-memory-gb 512")
+    assert plan.gb(80e9) == "80.0 GB" and plan.gb(2**30) == "1.1 GB"
+    assert plan.gpu_memory(tb.parse_config([])) is None
+    for field in ("gpu_memory_gb", "host_memory_gb"):
+        assert "1e9 bytes" in tb.HELP[field]
+    with pytest.raises(ValueError, match="--host-memory-gb"):
+        tb.parse_config(["--host-memory-gb", "0"])
+
+
+def test_host_memory_reads_meminfo_and_the_cgroup_limit(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 1000 kB\nMemFree: 100 kB\nMemAvailable: 500 kB\nHugePages_Total: 0\n")
+    unlimited, limit = tmp_path / "memory.max", tmp_path / "limit"
+    unlimited.write_text("max\n")
+    limit.write_text("256000\n")
+    assert plan.host_memory(meminfo, [unlimited]) == (1_024_000, 512_000, "this machine, /proc/meminfo")
+    assert plan.host_memory(meminfo, [limit]) == (256_000, 256_000, f"the cgroup limit {limit}")
+    assert plan.host_memory(meminfo, [tmp_path / "absent", unlimited])[0] == 1_024_000
+    total, available, source = plan.host_memory(tmp_path / "absent", [])
+    assert total == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") and available is None
+    real_total, real_available, _ = plan.host_memory()  # this machine
+    assert 0 < real_available <= real_total
+
+
+def test_ranks_per_node_from_the_launchers(monkeypatch):
+    assert plan.ranks_per_node(8) == 8  # WORLD_SIZE=8 python train_biencoder.py --dry-run: one node
+    monkeypatch.setenv("LOCAL_SIZE", "8")  # the deepspeed launcher
+    assert plan.ranks_per_node(16) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun
+    assert plan.ranks_per_node(16) == 4
+    ds = ds_json("zero3_offload", "fp32")
+    p = plan.memory_plan(P_8B, LAYER_8B, EMBED_8B, 1.0, 1000, ds, 16, plan.ranks_per_node(16))
+    assert p["nodes"] == 4 and p["states"].host_node == pytest.approx(20 * P_8B / 4)
+
+
+def test_the_config_is_not_modified():
+    ds = ds_json("zero3_offload", "fp32")
+    before = copy.deepcopy(ds)
+    plan.memory_plan(P_8B, LAYER_8B, EMBED_8B, 1.0, 1000, ds, 8, 8)
+    assert ds == before
+
+
+# One rank of ZeRO-3 on the CPU accelerator: build the engine, take two optimizer steps, then sum the
+# storage of every live tensor (each storage once). On the CPU, "gpu" and "host" buffers are all there.
+LIVE_TENSORS = """
+import gc, json, os, sys
+import torch, deepspeed
+from deepspeed.ops.adam import DeepSpeedCPUAdam
+torch.manual_seed(0)
+model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(4)])
+params = sum(p.numel() for p in model.parameters())
+ds = json.loads(sys.argv[1])
+offload = "offload_optimizer" in ds["zero_optimization"]
+opt = (DeepSpeedCPUAdam if offload else torch.optim.AdamW)(model.parameters())
+engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+dtype = torch.bfloat16 if ds["bf16"]["enabled"] else torch.float32
+for _ in range(2 * ds["gradient_accumulation_steps"]):
+    engine.backward(engine(torch.randn(2, 1024, dtype=dtype)).float().square().mean())
+    engine.step()
+gc.collect()
+storages = {}
+for o in gc.get_objects():
+    if isinstance(o, torch.Tensor) and o.device.type != "meta":
+        storages[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
+print(json.dumps({"params": params, "bytes": sum(storages.values())}))
+"""
+
+
+LIVE_CASES = [("zero3_offload", "fp32"), ("zero3_offload", "bf16"), ("zero3_bf16", "fp32"), ("zero3_fp32", None)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, accum", LIVE_CASES)
+def test_the_count_is_what_deepspeed_allocates(config, accum):
+    """After two optimizer steps, DeepSpeed's live tensors are the held buffers of `zero3_buffers`
+    (the step's temporaries are gone) plus the reduce bucket."""
+    ds = ds_json(config, accum)
+    ds["zero_optimization"].update(
+        reduce_bucket_size=2**20, stage3_prefetch_bucket_size=2**20, stage3_param_persistence_threshold=0
+    )
+    ds.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run(
+        [sys.executable, "-c", LIVE_TENSORS, json.dumps(ds)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    live = json.loads(res.stdout.strip().splitlines()[-1])
+    buffers = plan.zero3_buffers(ds)
+    held = plan.bytes_per_param(buffers, "gpu") + plan.bytes_per_param(buffers, "host")
+    bucket = 2**20 * plan.BYTES[plan.dtype_name(ds)] / live["params"]
+    assert live["bytes"] / live["params"] == pytest.approx(held + bucket, abs=0.01)
