@@ -762,7 +762,8 @@ def search(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """For the queries `rows` (ascending): the top k documents by combined score that are not excluded
     (positives, kept negatives) and score below the query's threshold, (value desc, row asc), and how
-    many non-excluded documents scored at or above the threshold.
+    many non-excluded documents scored at or above the threshold. thr and the exclusions (CSR: excl_off,
+    excl_idx) are given in the order of `rows`.
 
     precision "fp32": every score is the fp32 matrix product. "bf16": blocks are scored by a bfloat16
     matrix product (tensor cores on a GPU), and every decision is taken on fp32 scores: with e the
@@ -816,11 +817,10 @@ def search(
             q16 = [x.to(torch.bfloat16) for x in q] if lowp else q
             # row norms stay on the device (no host synchronisation inside the block loops)
             q_norm = torch.stack([x.norm(dim=1).max() for x in q]).max() if lowp and len(r) else 0.0
-            th = torch.from_numpy(thr[r]).to(device).unsqueeze(1)
+            th = torch.from_numpy(thr[a:b]).to(device).unsqueeze(1)
             # excluded (local row, doc) pairs of this query block, by doc for the per-block selection
-            lens = excl_off[r + 1] - excl_off[r]
-            er = np.repeat(np.arange(len(r)), lens)
-            ec = np.concatenate([excl_idx[excl_off[i] : excl_off[i + 1]] for i in r] or [np.zeros(0, np.int64)])
+            er = np.repeat(np.arange(len(r)), np.diff(excl_off[a : b + 1]))
+            ec = excl_idx[excl_off[a] : excl_off[b]]
             best_v = torch.full((len(r), k_eff), -math.inf, device=device)
             best_i = torch.full((len(r), k_eff), -1, dtype=torch.long, device=device)
             dropped = torch.zeros(len(r), dtype=torch.long, device=device)
@@ -901,29 +901,42 @@ def rescore(low, e, th, kth_kept, k, q, d, s0, dropped) -> tuple[torch.Tensor, i
     return out.masked_fill_(above, -math.inf), len(rows)
 
 
+def csr_take(off: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The entries of CSR rows `rows`: (their offsets in the taken order, their positions in the values)."""
+    lens = off[rows + 1] - off[rows]
+    sub_off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    positions = np.repeat(off[rows] - sub_off[:-1], lens) + np.arange(sub_off[-1])
+    return sub_off, positions
+
+
 def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path, precision: str | None = None) -> dict:
     """Run the rule for every query (query blocks spread over the ranks); on rank 0 the result:
-    negatives (CSR), their scores, positive scores, dropped counts."""
+    negatives (CSR), their scores, positive scores, dropped counts. Each rank scores, thresholds and
+    searches its own queries only, and hands its results over in a file of its own."""
     n = task.num_queries
-    pos_q = np.repeat(np.arange(n), np.diff(task.pos_off))
-    pos_scores = pair_scores(qs, ds, pos_q, task.pos_idx)
-    pos_min = np.full(n, np.inf, np.float32)
-    np.minimum.at(pos_min, pos_q, pos_scores)
-    thr = thresholds(pos_min, cfg.margin, cfg.margin_type).astype(np.float32)
-    # excluded from mining: every positive, and the kept negatives (they are already in the list)
-    excl = [
-        np.unique(np.concatenate([task.pos_idx[csr_rows(task.pos_off, i)], task.neg_idx[csr_rows(task.neg_off, i)]]))
-        for i in range(n)
-    ]
-    excl_off = np.concatenate([[0], np.cumsum([len(e) for e in excl])]).astype(np.int64)
-    excl_idx = np.concatenate(excl) if n else np.zeros(0, np.int64)
-
     k = cfg.num_negatives
     world, me = world_size(), rank()
     # query blocks of --query-block queries, smaller when that would leave a rank without work
     size = max(1, min(cfg.query_block, math.ceil(n / world)))
     blocks = [np.arange(a, min(a + size, n)) for a in range(0, n, size)]
     my_rows = np.concatenate([b for j, b in enumerate(blocks) if j % world == me] or [np.zeros(0, np.int64)])
+    my_pos_off, pos_at = csr_take(task.pos_off, my_rows)
+    my_neg_off, neg_at = csr_take(task.neg_off, my_rows)
+    pos_local = np.repeat(np.arange(len(my_rows)), np.diff(my_pos_off))
+    pos_scores = pair_scores(qs, ds, my_rows[pos_local], task.pos_idx[pos_at])
+    # negatives kept with --keep-existing, which the search does not score
+    kept = pair_scores(qs, ds, my_rows[np.repeat(np.arange(len(my_rows)), np.diff(my_neg_off))], task.neg_idx[neg_at])
+    pos_min = np.full(len(my_rows), np.inf, np.float32)
+    np.minimum.at(pos_min, pos_local, pos_scores)
+    thr = thresholds(pos_min, cfg.margin, cfg.margin_type).astype(np.float32)
+    # excluded from mining: every positive, and the kept negatives (they are already in the list)
+    excl = [
+        np.unique(np.concatenate([task.pos_idx[pos_at[my_pos_off[j] : my_pos_off[j + 1]]],
+                                  task.neg_idx[neg_at[my_neg_off[j] : my_neg_off[j + 1]]]]))
+        for j in range(len(my_rows))
+    ]  # fmt: skip
+    excl_off = np.concatenate([[0], np.cumsum([len(e) for e in excl])]).astype(np.int64)
+    excl_idx = np.concatenate(excl) if excl else np.zeros(0, np.int64)
     precision = precision or cfg.search_precision
     if precision == "auto":
         precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
@@ -942,27 +955,34 @@ def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path, precision: 
     )
     if world > 1:  # each rank writes a file of its own, whole; rank 0 reads them all
         scratch.mkdir(parents=True, exist_ok=True)
-        with atomic_file(scratch / f"rank{me:05d}.npz") as tmp, open(tmp, "wb") as f:
-            np.savez(f, rows=my_rows, v=v, i=i, drop=drop, rescored=rescored)
+        mine_file = scratch / f"rank{me:05d}.npz"
+        with atomic_file(mine_file) as tmp, open(tmp, "wb") as f:
+            np.savez(f, rows=my_rows, v=v, i=i, drop=drop, pos=pos_scores, kept=kept, thr=thr, pos_min=pos_min,
+                     rescored=rescored)  # fmt: skip
         barrier()
         if me != 0:
             return {}
-        v, i, drop = np.empty((n, k), np.float32), np.empty((n, k), np.int64), np.empty(n, np.int64)
-        rescored = 0
-        for r in range(world):
-            with np.load(scratch / f"rank{r:05d}.npz") as part:
-                v[part["rows"]], i[part["rows"]], drop[part["rows"]] = part["v"], part["i"], part["drop"]
-                rescored += int(part["rescored"])
+        parts = [np.load(scratch / f"rank{r:05d}.npz") for r in range(world)]
         shutil.rmtree(scratch)
     else:
-        order = np.argsort(my_rows)
-        v, i, drop = v[order], i[order], drop[order]
+        parts = [dict(rows=my_rows, v=v, i=i, drop=drop, pos=pos_scores, kept=kept, thr=thr, pos_min=pos_min,
+                      rescored=rescored)]  # fmt: skip
+    v, i, drop = np.empty((n, k), np.float32), np.empty((n, k), np.int64), np.empty(n, np.int64)
+    thr, pos_min = np.empty(n, np.float32), np.empty(n, np.float32)
+    pos_scores = np.empty(len(task.pos_idx), np.float32)
+    kept_scores = np.empty(len(task.neg_idx), np.float32)
+    rescored = 0
+    for part in parts:
+        rows = part["rows"]
+        v[rows], i[rows], drop[rows], thr[rows], pos_min[rows] = (
+            part["v"], part["i"], part["drop"], part["thr"], part["pos_min"]
+        )  # fmt: skip
+        pos_scores[csr_take(task.pos_off, rows)[1]] = part["pos"]
+        kept_scores[csr_take(task.neg_off, rows)[1]] = part["kept"]
+        rescored += int(part["rescored"])
 
     # The final lists: kept negatives first (--keep-existing), then the mined ones in rank order. A mined
-    # negative's score is the one the search ranked it by (below the threshold by construction); only
-    # kept negatives, which the search never scored, are scored here.
-    kept_q = np.repeat(np.arange(n), np.diff(task.neg_off))
-    kept_scores = pair_scores(qs, ds, kept_q, task.neg_idx) if len(task.neg_idx) else np.zeros(0, np.float32)
+    # negative's score is the one the search ranked it by (below the threshold by construction).
     negs, scores, neg_off = [], [], [0]
     for q in range(n):
         rows = csr_rows(task.neg_off, q)
