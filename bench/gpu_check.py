@@ -11,7 +11,8 @@ Out: one line per check on stdout, `CHECK <name> PASS|FAIL|SKIP <detail>`, and e
                  (block-diagonal attention).
 - causal_teacher: the packed path kept causal with last-token pooling (mine_negatives.py's teachers
                  such as e5-mistral, Qwen3-Embedding): the first token does not move when the last
-                 one changes, and each embedding equals a causal forward of its text alone.
+                 one changes, each embedding equals a causal forward of its text alone, and a packed
+                 forward of T = 16k tokens creates no tensor of T x T elements (no attention mask).
 
 bench/run_gpu.sh runs it with the other checks (packed == padded, RoPE, resume, export):
     python bench/gpu_check.py                  # on a GPU
@@ -79,6 +80,26 @@ def token_states(enc: BiEncoder, seqs: list[list[int]], device) -> torch.Tensor:
     return out.last_hidden_state[0]
 
 
+def largest_new_tensor(fn) -> tuple[int, str]:
+    """(elements, description) of the largest tensor any operation creates while fn() runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    largest = [0, "none"]
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.numel() > largest[0]:
+                    largest[:] = [t.numel(), f"{func} {tuple(t.shape)}"]
+            return out
+
+    with Watch():
+        fn()
+    return largest[0], largest[1]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="tiny", choices=sorted(SHAPES), help="random model shape (default: %(default)s)")
@@ -137,8 +158,18 @@ def main(argv=None) -> int:
         cos = (packed * alone).sum(-1).min().item()
         first_moved = (token_states(teacher, [changed, b], device) - token_states(teacher, [a, b], device))[0]
         first_moved = first_moved.abs().max().item()
-    detail = f"min cosine packed vs alone {cos:.6f}, first token moved by the last {first_moved:.3g}"
-    ok &= report("causal_teacher", "PASS" if cos > 0.999 and first_moved == 0 else "FAIL", detail)
+        # no (T, T) mask: transformers would build one from the packed position_ids (bool: 256 MiB here)
+        long_texts = [torch.randint(0, vocab, (512,)).tolist() for _ in range(32)]
+        T = 32 * 512
+        if CUDA:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        largest, what = largest_new_tensor(lambda: teacher(*pack(long_texts, device)))
+        peak = f", peak {(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MiB" if CUDA else ""
+    detail = (f"min cosine packed vs alone {cos:.6f}, first token moved by the last {first_moved:.3g}; "
+              f"T = {T}: largest new tensor {largest / T**2:.3g} T^2 elements ({what}){peak}")  # fmt: skip
+    ok &= report("causal_teacher", "PASS" if cos > 0.999 and first_moved == 0 and largest < T * T else "FAIL", detail)
     return 0 if ok else 1
 
 

@@ -11,8 +11,16 @@ attention layer of a Llama- or BERT-family model calls it:
   flash kernel (flash-attn's ``flash_attn_varlen_func`` when installed, else torch's
   ``torch.nn.attention.varlen.varlen_attn``); elsewhere (CPU, fp32) SDPA segment by segment,
   which computes the same thing.
+
+The mask transformers builds before the layers: for a padded batch, SDPA's (padding or causal) mask
+(``sdpa_mask``); for a packed forward, none. transformers sees packing in the (1, T) ``position_ids``
+and would otherwise build a (1, 1, T, T) block-diagonal mask (1 GiB at T = 32k) that the packed
+attention ignores: for a causal model (``create_causal_mask``) and for BERT-family encoders
+(``create_bidirectional_mask``). ``skip_mask_when_packed(encoder)`` marks an encoder's forwards that
+get ``cu_seqlens``, for which the mask function then returns None.
 """
 
+import contextvars
 import functools
 import inspect
 
@@ -138,7 +146,45 @@ def biencoder_attention(module, query, key, value, attention_mask, dropout=0.0, 
     return out.unsqueeze(0), None
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, biencoder_attention)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+# One entry per encoder forward in progress (in this thread / context): whether it is packed.
+_PACKED_FORWARDS: contextvars.ContextVar[tuple[bool, ...]] = contextvars.ContextVar("packed_forwards", default=())
 
-__all__ = ["ATTN_IMPLEMENTATION", "adapt_varlen", "biencoder_attention", "packed_attention", "packed_kernel_name"]
+
+def biencoder_mask(*args, **kwargs):
+    """transformers mask interface: no mask inside a packed forward (no padding mask there; the packed
+    attention is block-diagonal by cu_seqlens and never reads a mask), else `sdpa_mask`'s."""
+    forwards = _PACKED_FORWARDS.get()
+    if forwards and forwards[-1] and kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def _enter_forward(module, args, kwargs):
+    _PACKED_FORWARDS.set(_PACKED_FORWARDS.get() + (kwargs.get("cu_seqlens") is not None,))
+
+
+def _leave_forward(module, args, output):
+    _PACKED_FORWARDS.set(_PACKED_FORWARDS.get()[:-1])
+
+
+def skip_mask_when_packed(encoder: torch.nn.Module) -> torch.nn.Module:
+    """Let `biencoder_mask` know which of the encoder's forwards are packed (called with cu_seqlens):
+    there it builds no mask. Idempotent; returns the encoder."""
+    if _enter_forward not in encoder._forward_pre_hooks.values():
+        encoder.register_forward_pre_hook(_enter_forward, with_kwargs=True)
+        encoder.register_forward_hook(_leave_forward, always_call=True)
+    return encoder
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, biencoder_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, biencoder_mask)
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "adapt_varlen",
+    "biencoder_attention",
+    "biencoder_mask",
+    "packed_attention",
+    "packed_kernel_name",
+    "skip_mask_when_packed",
+]

@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, LlamaConfig, Llam
 
 from common import UserError
 
-from .attention import ATTN_IMPLEMENTATION
+from .attention import ATTN_IMPLEMENTATION, skip_mask_when_packed
 
 # config.json of an export in the reference's format (see export_hf.py)
 BIDIRECTIONAL_LLAMA_TYPE = "llama_bidirec"
@@ -359,6 +359,9 @@ class BiEncoder(nn.Module):
         # The project's attention: non-causal SDPA for padded batches, block-diagonal varlen
         # attention for packed ones. Other implementations would ignore the packing.
         encoder.set_attn_implementation(ATTN_IMPLEMENTATION)
+        # A packed forward builds no (T, T) mask (transformers would, from the packed position_ids, for a
+        # causal model or a BERT-family encoder; the packed attention never reads it).
+        skip_mask_when_packed(encoder)
         # bidirectional=False keeps the model's own attention (causal for a decoder): teachers only.
         self.encoder = make_bidirectional(encoder) if bidirectional else encoder
         self.pooling = pooling

@@ -5,9 +5,12 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers import AutoTokenizer
 
 from model import BiEncoder, contrastive_loss, make_bidirectional, pack
+from model.biencoder import positions_from_cu_seqlens
 from tiny_models import llama_tokenizer_dir, minilm_dir, save_tiny_llama, tiny_llama
 
 SEQS = [[128000, 5, 6, 7, 8, 9], [128000, 9, 10], [128000, 3, 4, 5, 6, 7, 8, 9, 10, 11], [128000, 42]]
@@ -225,3 +228,99 @@ def test_varlen_adapter_gives_scaled_gqa_attention_causal_or_not_on_every_signat
         torch.testing.assert_close(got_causal, causal, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(packed_attention(q, k, v, cu, 7, scale, causal=True), causal, rtol=1e-5, atol=1e-5)
     assert all(set(c) <= set(inspect.signature(fn).parameters) for c in calls)
+
+
+# A packed forward builds no (T, T) mask. transformers sees the packing in the (1, T) position_ids and,
+# for a causal model (create_causal_mask) or a BERT-family encoder (create_bidirectional_mask), would
+# build a (1, 1, T, T) block-diagonal mask (1 GiB at T = 32k) that the packed attention never reads.
+class LargestTensor(TorchDispatchMode):
+    """Records the largest storage any operation creates while active (parameters are not created)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > self.nbytes:
+                self.nbytes, self.op = t.untyped_storage().nbytes(), f"{func} -> {tuple(t.shape)} {t.dtype}"
+        return out
+
+
+def test_packed_causal_forward_memory_is_linear_in_tokens():
+    teacher = BiEncoder(tiny_llama(), pooling="lasttoken", bidirectional=False)  # a causal teacher
+    largest = {}
+    for n in (16, 64):  # texts of 512 tokens: T = 8k and 32k (a T x T bool mask: 64 MiB and 1 GiB)
+        seqs = [[(7 * i + j) % 1000 + 1 for j in range(512)] for i in range(n)]
+        with torch.no_grad(), LargestTensor() as m:
+            emb = teacher(*pack(seqs))
+        assert emb.shape == (n, 64) and torch.isfinite(emb).all()
+        largest[n * 512] = m
+    T = 64 * 512
+    detail = {t: f"{m.nbytes / 2**20:.1f} MiB ({m.op})" for t, m in largest.items()}
+    assert largest[T].nbytes < T * T // 16, f"a (T, T) tensor in the packed forward: {detail}"
+    assert largest[T].nbytes <= 4 * largest[T // 4].nbytes, f"not linear in T: {detail}"
+
+
+def tiny_qwen3():
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16)
+    return Qwen3Model(Qwen3Config(vocab_size=1000, num_key_value_heads=2, **shape)).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama-causal", "qwen3-causal", "llama-bidirectional", "minilm"])
+def test_mask_is_built_for_padded_batches_only_and_both_paths_agree(kind, monkeypatch):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if kind == "minilm":
+        enc = BiEncoder.from_pretrained(minilm_dir(), tokenizer=False)
+    else:
+        model = tiny_qwen3() if kind == "qwen3-causal" else tiny_llama()
+        enc = BiEncoder(model, bidirectional=kind == "llama-bidirectional")
+    built = []
+    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS[enc.encoder.config._attn_implementation]
+
+    def spy(*args, **kwargs):
+        mask = mask_fn(*args, **kwargs)
+        built.append(None if mask is None else tuple(mask.shape))
+        return mask
+
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "biencoder", spy)
+    seqs = [[101, 5, 6, 7, 8, 9, 102], [101, 9, 10, 102], [101, 42, 102]]
+    ids, cu = pack(seqs)
+    with torch.no_grad():
+        packed = enc.encoder(
+            input_ids=ids[None], position_ids=positions_from_cu_seqlens(cu, len(ids))[None], cu_seqlens=cu,
+            max_seqlen=7,
+        ).last_hidden_state[0]  # fmt: skip
+        assert built and all(m is None for m in built), built
+        # Left padding: pads come before the tokens, so a padded path without its mask would read them.
+        built.clear()
+        pids, mask = padded(seqs, "left")
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = enc.encoder(input_ids=pids, attention_mask=mask, position_ids=positions).last_hidden_state
+    assert built and all(m is not None and m[-2:] == (7, 7) for m in built), built
+    torch.testing.assert_close(out[mask.bool()], packed, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_forward_marker_is_registered_once_and_cleared_after_an_error():
+    import model.attention as attention
+
+    teacher = BiEncoder(tiny_llama(), pooling="lasttoken", bidirectional=False)
+    hooks = dict(teacher.encoder._forward_pre_hooks)
+    BiEncoder(teacher.encoder, pooling="lasttoken", bidirectional=False)  # wrapped again: no second hook
+    assert teacher.encoder._forward_pre_hooks == hooks
+    ids, cu = pack(SEQS)
+    with torch.no_grad(), pytest.raises(KeyError, match="max_seqlen"):
+        teacher.encoder(input_ids=ids[None], cu_seqlens=cu)  # a packed forward that fails in the attention
+    assert attention._PACKED_FORWARDS.get() == ()
+    # a padded batch after it still gets its causal and padding mask: left-padded == each text alone
+    pids, mask = padded(SEQS, "left")
+    with torch.no_grad():
+        out = teacher.encoder(input_ids=pids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        for row, s in enumerate(SEQS):
+            alone = teacher.encoder(input_ids=torch.tensor([s])).last_hidden_state[0]
+            torch.testing.assert_close(out.last_hidden_state[row, -len(s) :], alone, atol=1e-5, rtol=1e-5)
