@@ -525,11 +525,95 @@ def texts_digest(texts: list[str]) -> str:
     return h.hexdigest()
 
 
-def chunk_plan(texts: list[str], chunk_size: int) -> list[np.ndarray]:
-    """Row indices of each chunk: longest texts first (by characters), so a chunk's texts have
-    similar lengths and the last chunks are short; deterministic."""
-    order = np.argsort(-np.fromiter((len(t) for t in texts), np.int64, len(texts)), kind="stable")
+def chunk_plan(lengths: np.ndarray, chunk_size: int) -> list[np.ndarray]:
+    """Row indices of each chunk: longest texts first (`lengths`: in characters), so a chunk's texts
+    have similar lengths and the last chunks are short; deterministic."""
+    order = np.argsort(-np.asarray(lengths, np.int64), kind="stable")
     return [order[s : s + chunk_size] for s in range(0, len(order), chunk_size)]
+
+
+class TextColumn:
+    """A list of texts as the ranks embed them: take(rows) gives some of them. Backed by an Arrow array,
+    memory-mapped from a file rank 0 wrote (share_task), so that a rank reads only the texts it embeds,
+    or built from a list in memory; `lengths` (characters) and `digest` (texts_digest) come with it."""
+
+    def __init__(self, array: pa.Array, lengths: np.ndarray, digest: str):
+        self.array, self.lengths, self.digest = array, lengths, digest
+
+    @classmethod
+    def from_list(cls, texts: list[str]) -> "TextColumn":
+        lengths = np.fromiter((len(t) for t in texts), np.int64, len(texts))
+        return cls(pa.array(texts, pa.large_string()), lengths, texts_digest(texts))
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def take(self, rows: np.ndarray) -> list[str]:
+        return self.array.take(pa.array(np.asarray(rows, np.int64))).to_pylist()
+
+
+@dataclass
+class SharedTask:
+    """What every rank needs of a Task to embed and search: its texts (TextColumn) and the CSR arrays."""
+
+    name: str
+    query_texts: TextColumn
+    doc_texts: TextColumn
+    pos_off: np.ndarray
+    pos_idx: np.ndarray
+    neg_off: np.ndarray
+    neg_idx: np.ndarray
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.pos_off) - 1
+
+
+CSR_FIELDS = ("pos_off", "pos_idx", "neg_off", "neg_idx")
+
+
+def share_task(cfg: MineConfig, folder: Path) -> tuple[Task | None, SharedTask]:
+    """Rank 0 reads the input (read_task) and writes what the other ranks need into `folder`: the query
+    and corpus texts as Arrow files, the CSR arrays, the texts' lengths and digests. The other ranks map
+    the files and read only the texts they embed: no rank but rank 0 holds the whole input. A user error
+    in the input stops every rank with rank 0's message. Returns (the Task on rank 0, else None; the
+    SharedTask)."""
+    task, error = None, None
+    if rank() == 0:
+        try:
+            task = read_task(cfg)
+        except UserError as e:
+            error = str(e)
+    if world_size() == 1:
+        if error:
+            raise UserError(error)
+        texts = TextColumn.from_list(task.query_texts), TextColumn.from_list(task.doc_texts)
+        return task, SharedTask(task.name, *texts, *(getattr(task, f) for f in CSR_FIELDS))
+    if rank() == 0 and not error:
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"name": task.name}
+        for role, texts in (("queries", task.query_texts), ("corpus", task.doc_texts)):
+            column = TextColumn.from_list(texts)
+            with atomic_file(folder / f"{role}.arrow") as tmp, pa.OSFile(str(tmp), "wb") as sink:
+                table = pa.table({"text": column.array})
+                with pa.ipc.new_file(sink, table.schema) as writer:
+                    writer.write_table(table)
+            np.save(folder / f"{role}_lengths.npy", column.lengths)
+            meta[f"{role}_digest"] = column.digest
+        np.savez(folder / "csr.npz", **{f: getattr(task, f) for f in CSR_FIELDS})
+        write_atomic(folder / "task.json", json.dumps(meta))
+    error = broadcast(error)
+    if error:
+        raise UserError(error)
+    barrier()
+    meta = json.loads((folder / "task.json").read_text())
+    texts = []
+    for role in ("queries", "corpus"):
+        array = pa.ipc.open_file(pa.memory_map(str(folder / f"{role}.arrow"))).read_all().column("text")
+        texts.append(TextColumn(array, np.load(folder / f"{role}_lengths.npy"), meta[f"{role}_digest"]))
+    with np.load(folder / "csr.npz") as csr:
+        arrays = [csr[f] for f in CSR_FIELDS]
+    return task, SharedTask(meta["name"], *texts, *arrays)
 
 
 def maybe_fault(chunks_written: int) -> None:
@@ -574,7 +658,7 @@ def chunk_file(folder: Path, c: int) -> Path:
 
 
 def embed_cached(
-    enc, t: Teacher, compute_dtype, texts: list[str], role: str, cfg: MineConfig, cache_root: Path
+    enc, t: Teacher, compute_dtype, texts: TextColumn | list[str], role: str, cfg: MineConfig, cache_root: Path
 ) -> tuple[ChunkedRows, dict]:
     """(n, D) embeddings of `texts` for teacher t, computed chunk by chunk, or read from the cache. The
     key covers everything that changes the numbers, so a stale cache is never used.
@@ -583,6 +667,7 @@ def embed_cached(
     a file there is complete. Rank 0 decides which chunks are done and broadcasts it, the ranks share
     the others, whatever their number was in an earlier, interrupted run."""
     prompt = t.passage_prompt if role == "corpus" else t.query_prompt
+    texts = texts if isinstance(texts, TextColumn) else TextColumn.from_list(texts)
     key_fields = {
         "version": CACHE_VERSION,
         "teacher": t.identity,
@@ -590,7 +675,7 @@ def embed_cached(
         "bidirectional": t.bidirectional,
         "prompt": prompt,
         "max_length": t.max_length,
-        "texts": texts_digest(texts),
+        "texts": texts.digest,
         "num_texts": len(texts),
         "embedding_dtype": cfg.embedding_dtype,
         "compute_dtype": str(compute_dtype),
@@ -599,7 +684,7 @@ def embed_cached(
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
     folder = cache_root / f"{role}-{key}"
     dim = enc.encoder.config.hidden_size
-    chunks = chunk_plan(texts, cfg.chunk_size)
+    chunks = chunk_plan(texts.lengths, cfg.chunk_size)
     done = None
     if rank() == 0:
         (folder / "chunks").mkdir(parents=True, exist_ok=True)
@@ -623,7 +708,7 @@ def embed_cached(
     for written, c in enumerate(mine, 1):
         idx = np.sort(chunks[c])  # ascending rows
         out = enc.encode(
-            [texts[i] for i in idx],
+            texts.take(idx),
             prompt=prompt,
             batch_size=cfg.batch_size,
             max_length=t.max_length,
@@ -1140,9 +1225,10 @@ def main(argv=None) -> int:
         "filesystem that every node mounts (e.g. NFS or Lustre)",
     )
     teachers = resolve_teachers(cfg)  # before reading or embedding anything: fail fast
-    task = read_task(cfg)
+    run_id = os.environ.get("MASTER_PORT", os.getpid())
+    task, shared = share_task(cfg, cache_root / f"task-{run_id}")  # task: rank 0's whole input, else None
     log0("config:", json.dumps(asdict(cfg)))
-    log0(f"{task.name}: {task.num_queries:,} queries, {len(task.doc_texts):,} documents; {world_size()} rank(s)")
+    log0(f"{shared.name}: {shared.num_queries:,} queries, {len(shared.doc_texts):,} documents; {world_size()} rank(s)")
     seconds = {"read": round(time.perf_counter() - t0, 2), "embed": {}}
     qs, ds, embed_info = [], [], []
     for t in teachers:
@@ -1150,8 +1236,8 @@ def main(argv=None) -> int:
         attention = "bidirectional" if t.bidirectional else "the model's own (causal for a decoder)"
         log0(f"teacher {t.name}: query prompt {t.query_prompt!r}, passage prompt {t.passage_prompt!r}, "
              f"max length {t.max_length}, {t.pooling} pooling, {attention} attention, {compute_dtype}")  # fmt: skip
-        d, d_info = embed_cached(enc, t, compute_dtype, task.doc_texts, "corpus", cfg, cache_root)
-        q, q_info = embed_cached(enc, t, compute_dtype, task.query_texts, "queries", cfg, cache_root)
+        d, d_info = embed_cached(enc, t, compute_dtype, shared.doc_texts, "corpus", cfg, cache_root)
+        q, q_info = embed_cached(enc, t, compute_dtype, shared.query_texts, "queries", cfg, cache_root)
         del enc
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -1160,10 +1246,10 @@ def main(argv=None) -> int:
         embed_info.append({"teacher": t.name, "corpus": d_info, "queries": q_info})
         seconds["embed"][t.name] = {"corpus": d_info["seconds"], "queries": q_info["seconds"]}
     t1 = time.perf_counter()
-    scratch = cache_root / f"search-{os.environ.get('MASTER_PORT', os.getpid())}"
-    res = mine(task, qs, ds, cfg, device, scratch)
+    res = mine(shared, qs, ds, cfg, device, cache_root / f"search-{run_id}")
     seconds["search"] = round(time.perf_counter() - t1, 2)
     if rank() == 0:
+        shutil.rmtree(cache_root / f"task-{run_id}", ignore_errors=True)  # every rank is past its texts
         t2 = time.perf_counter()
         stats = summary(task, res, cfg, teachers)
         stats["embedding"] = embed_info
