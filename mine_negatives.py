@@ -91,7 +91,8 @@ class MineConfig:
     query_prompt: list[str] | None = None  # one for every teacher, or one each; None: the teacher's own
     passage_prompt: list[str] | None = None
     max_length: int | None = None  # None: each teacher's max_seq_length, else 512
-    batch_size: int = 64  # texts per packed forward, per rank
+    batch_size: int | None = None  # at most this many texts per packed forward; None: --max-tokens alone
+    max_tokens: int = 32768  # tokens per packed forward, per rank (a longer text goes alone)
     keep_existing: bool = False
     dtype: str = "auto"  # teacher weights: auto = bfloat16 on GPUs, float32 on the CPU
     embedding_dtype: str = "float32"  # cached embeddings
@@ -111,8 +112,8 @@ class MineConfig:
             raise UserError(f"--margin must be > 0 for --margin-type perc, got {self.margin}")
         if self.margin_type == "abs" and not self.margin >= 0:
             raise UserError(f"--margin must be >= 0 for --margin-type abs, got {self.margin}")
-        for name in ("batch_size", "chunk_size", "query_block", "doc_block"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "max_tokens", "chunk_size", "query_block", "doc_block"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.search_precision not in ("auto", "bf16", "fp32"):
             raise UserError(f"--search-precision must be auto, bf16 or fp32, got {self.search_precision!r}")
@@ -148,7 +149,8 @@ def parse_args(argv=None) -> MineConfig:
     p.add_argument("--query-prompt", nargs="+", help="prefix(es) prepended as-is; default: the teacher's 'query'")
     p.add_argument("--passage-prompt", nargs="+", help="prefix(es); default: the teacher's 'document'")
     p.add_argument("--max-length", type=int, help="tokens; default: the teacher's max_seq_length, else 512")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"texts per forward (default {d.batch_size})")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"tokens per forward (default {d.max_tokens})")
+    p.add_argument("--batch-size", type=int, help="at most this many texts per forward (default: no limit)")
     p.add_argument("--keep-existing", action="store_true", help="keep neg_doc / neg and append mined ones")
     p.add_argument("--dtype", choices=["auto", *COMPUTE], default=d.dtype, help="teacher weights (default auto)")
     p.add_argument("--embedding-dtype", choices=list(STORAGE), default=d.embedding_dtype, help="(default float32)")
@@ -711,6 +713,7 @@ def embed_cached(
             texts.take(idx),
             prompt=prompt,
             batch_size=cfg.batch_size,
+            max_tokens=cfg.max_tokens,
             max_length=t.max_length,
             show_progress=None if rank() == 0 else False,  # one bar per chunk, from rank 0 only
         )

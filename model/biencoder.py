@@ -345,6 +345,21 @@ def stored_max_length(folder: Path) -> int | None:
     return None
 
 
+def token_batches(lengths: list[int], max_texts: int | None, max_tokens: int | None) -> list[tuple[int, int]]:
+    """Consecutive [a, b) slices of texts (in the given order) of at most max_texts texts and at most
+    max_tokens tokens each (a longer text alone); neither given: one batch."""
+    batches, a, tokens = [], 0, 0
+    for b, n in enumerate(lengths):
+        full = (max_texts is not None and b - a >= max_texts) or (max_tokens is not None and tokens + n > max_tokens)
+        if b > a and full:
+            batches.append((a, b))
+            a, tokens = b, 0
+        tokens += n
+    if len(lengths) > a:
+        batches.append((a, len(lengths)))
+    return batches
+
+
 class BiEncoder(nn.Module):
     """Bidirectional encoder + mean pooling + L2 normalisation.
 
@@ -413,14 +428,17 @@ class BiEncoder(nn.Module):
         self,
         texts: list[str],
         prompt: str = "",
-        batch_size: int = 32,
+        batch_size: int | None = 32,
         max_length: int = 512,
         show_progress: bool | None = None,
+        max_tokens: int | None = None,
     ) -> torch.Tensor:
         """Embed texts (each prefixed with `prompt` as given) -> (n, D) float32 on the CPU.
 
-        Texts are sorted by length and packed batch_size at a time (no padding); the result is in
-        the input order and does not depend on batch_size.
+        Texts are sorted by length (longest first) and packed without padding, batch_size texts at a
+        time, or with max_tokens as many as fit in that many tokens (at most batch_size when both are
+        given; a text longer than max_tokens goes alone); the result is in the input order and does
+        not depend on the batching.
         """
         if self.tokenizer is None:
             raise ValueError("this BiEncoder has no tokenizer; load it with BiEncoder.from_pretrained(path)")
@@ -434,11 +452,11 @@ class BiEncoder(nn.Module):
         was_training = self.training
         self.eval()
         out = torch.empty(len(ids), self.encoder.config.hidden_size, dtype=torch.float32)
+        batches = token_batches([len(ids[i]) for i in order], batch_size, max_tokens)
         if show_progress is None:
-            show_progress = len(ids) > 10 * batch_size and not os.environ.get("TQDM_DISABLE")
-        starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc="embedding", unit="batch", disable=not show_progress):
-            chunk = order[start : start + batch_size]
+            show_progress = len(batches) > 10 and not os.environ.get("TQDM_DISABLE")
+        for a, b in tqdm(batches, desc="embedding", unit="batch", disable=not show_progress):
+            chunk = order[a:b]
             input_ids, cu = pack([ids[i] for i in chunk], device)
             out[chunk] = self(input_ids, cu).cpu()
         self.train(was_training)

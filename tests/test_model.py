@@ -324,3 +324,24 @@ def test_packed_forward_marker_is_registered_once_and_cleared_after_an_error():
         for row, s in enumerate(SEQS):
             alone = teacher.encoder(input_ids=torch.tensor([s])).last_hidden_state[0]
             torch.testing.assert_close(out.last_hidden_state[row, -len(s) :], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_token_batches_respect_both_limits_and_keep_every_text_once():
+    from model.biencoder import token_batches
+
+    lengths = [500, 300, 300, 200, 100, 40, 40, 30, 10, 5]
+    assert token_batches(lengths, None, 600) == [(0, 1), (1, 3), (3, 10)]
+    assert token_batches(lengths, 3, 10_000) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert token_batches([700, 10], None, 600) == [(0, 1), (1, 2)]  # a longer text goes alone
+    assert token_batches(lengths, None, None) == [(0, 10)] and token_batches([], 4, 100) == []
+    for max_texts, max_tokens in [(2, None), (None, 250), (4, 400)]:
+        batches = token_batches(lengths, max_texts, max_tokens)
+        assert [i for a, b in batches for i in range(a, b)] == list(range(len(lengths)))
+
+
+def test_encode_by_token_budget_equals_encode_by_count(llama_tokenizer_path, tmp_path):
+    enc = BiEncoder.from_pretrained(save_tiny_llama(tmp_path / "m"))
+    texts = [("word " * n).strip() for n in (1, 40, 7, 3, 90, 12, 5, 60)]
+    by_count = enc.encode(texts, batch_size=3, max_length=64)
+    by_tokens = enc.encode(texts, batch_size=None, max_tokens=70, max_length=64)
+    torch.testing.assert_close(by_tokens, by_count, rtol=1e-5, atol=1e-6)
