@@ -146,16 +146,18 @@ def run_cli(main: Callable, argv: list[str] | None = None) -> int:
     return status if isinstance(status, int) else 0
 
 
-def read_json_file(path: str | Path, flag: str) -> dict:
-    """The JSON object in a file the user named with `flag`; missing or malformed is a UserError."""
+def read_json_file(path: str | Path, flag: str | None = None, error: type[UserError] = UserError) -> dict:
+    """The JSON object in a file (named with `flag`, when a flag named it); a missing or malformed file
+    raises `error`, a UserError (prepare_data.py's DataError for the data's own files)."""
+    where = f"{flag} {path}" if flag else str(path)
     try:
         value = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{flag} {path}: no such file") from None
+    except FileNotFoundError as e:
+        raise error(f"{where}: missing file") from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{flag} {path}: not readable JSON ({e})") from None
+        raise error(f"{where}: not readable JSON ({e})") from e
     if not isinstance(value, dict):
-        raise UserError(f"{flag} {path}: expected a JSON object, got {type(value).__name__}")
+        raise error(f"{where}: expected a JSON object, got {type(value).__name__}")
     return value
 
 

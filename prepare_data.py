@@ -45,7 +45,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from common import UserError, atomic_dir, atomic_file, load_pretrained, prompt_prefix, run_cli, with_prompt
+from common import (
+    UserError,
+    atomic_dir,
+    atomic_file,
+    load_pretrained,
+    prompt_prefix,
+    read_json_file,
+    run_cli,
+    with_prompt,
+)
 from dataset import ARRAYS, FORMAT_VERSION, PreparedData, sha256_of
 
 REPO_ID = "nvidia/embed-nemotron-dataset-v1"
@@ -320,15 +329,7 @@ def encode_shard(texts: list[str], prompt: str, max_len: int) -> tuple[np.ndarra
 
 
 def read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: missing file") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not readable JSON ({e})") from e
-    if not isinstance(value, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+    return read_json_file(path, error=DataError)
 
 
 def parquet_schema(path: Path) -> pa.Schema:
