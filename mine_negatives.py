@@ -40,7 +40,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -618,13 +617,6 @@ def share_task(cfg: MineConfig, folder: Path) -> tuple[Task | None, SharedTask]:
     return task, SharedTask(meta["name"], *texts, *arrays)
 
 
-def maybe_fault(chunks_written: int) -> None:
-    """Fault injection for the resume test: MINE_FAULT_AFTER_CHUNKS=n kills this process with
-    SIGKILL once it has written n chunks, as a crash or a preempted node would."""
-    if os.environ.get("MINE_FAULT_AFTER_CHUNKS") == str(chunks_written):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class ChunkedRows:
     """The (n, D) embeddings of a text list, read from a complete cache folder's chunk files:
     rows[idx] (an index array or a slice) gathers the rows from the chunks that hold them. Each chunk
@@ -707,7 +699,7 @@ def embed_cached(
         unit="text",
         disable=rank() != 0 or not n_mine or bool(os.environ.get("TQDM_DISABLE")),
     )
-    for written, c in enumerate(mine, 1):
+    for c in mine:
         idx = np.sort(chunks[c])  # ascending rows
         out = enc.encode(
             texts.take(idx),
@@ -724,7 +716,6 @@ def embed_cached(
         with atomic_file(chunk_file(folder, c)) as tmp, open(tmp, "wb") as f:
             np.save(f, rows)
         bar.update(len(idx))
-        maybe_fault(written)
     bar.close()
     barrier()
     missing = None

@@ -32,7 +32,6 @@ import math
 import os
 import resource
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -497,7 +496,6 @@ def save_checkpoint(
     if writer:
         state = train_state(step, num_steps, final_loss, world_size(), dataclasses.asdict(cfg), data_meta)
         write_atomic(tag_dir / "train_state.json", json.dumps(state, indent=2))
-    maybe_fault("save", step)
     barrier()
     if writer:
         write_atomic(ckpt_dir / LATEST, tag)
@@ -532,13 +530,6 @@ def prune_checkpoints(ckpt_dir: Path, latest: str, keep: int):
     for t in tags:
         if t not in complete[-keep:]:
             shutil.rmtree(ckpt_dir / t, ignore_errors=True)
-
-
-def maybe_fault(where: str, step: int):
-    """Fault injection for the crash tests: BIENCODER_FAULT=save:STEP kills the whole job mid-save
-    (after the shards of STEP are written, before `latest` moves), as a node failure would."""
-    if os.environ.get("BIENCODER_FAULT") == f"{where}:{step}" and rank() == 0:
-        os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 def missing_for_resume(tag_dir: Path, r: int) -> str | None:
@@ -720,11 +711,6 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, ds_config: dict):
 
 def check_rope(module: torch.nn.Module):
     """RoPE must stay fp32 under bf16: DeepSpeed before 0.19.2 cast every buffer with the weights."""
-    if os.environ.get("BIENCODER_FAULT") == "rope_bf16":  # the crash tests' fault injection: an old DeepSpeed
-        for m in module.modules():
-            for name in ("inv_freq", "original_inv_freq"):
-                if isinstance(getattr(m, name, None), torch.Tensor):
-                    m._buffers[name] = m._buffers[name].to(torch.bfloat16)
     checked, fixed = check_rotary_buffers(module)
     if fixed:
         log0(f"warning: rotary buffers were not fp32 or not the config's values; recomputed in fp32: {fixed}")

@@ -530,8 +530,10 @@ def test_killed_during_embedding_resumes_without_redoing_chunks(tmp_path, llama_
     subset = small_subset(tmp_path / "raw" / "SciFact", num_queries=20, num_docs=120)
     teacher = save_tiny_llama(tmp_path / "tiny_llama")
     out, cache = tmp_path / "mined", tmp_path / "cache"
-    cmd = [sys.executable, str(REPO / "mine_negatives.py"), *mine_cmd(subset, teacher, out, "--cache-dir", cache)]
-    res = subprocess.run(cmd, env=env(MINE_FAULT_AFTER_CHUNKS="3"), capture_output=True, text=True, timeout=600)
+    runner = str(REPO / "tests" / "fault_runner.py")  # mine_negatives.py with a fault injected from outside
+    cmd = [sys.executable, runner, *mine_cmd(subset, teacher, out, "--cache-dir", cache)]
+    fault = env(FAULT="kill_after_chunks:3", FAULT_SCRIPT="mine_negatives")  # a crash after 3 chunk files
+    res = subprocess.run(cmd, env=fault, capture_output=True, text=True, timeout=600)
     assert res.returncode == -9, res.stderr[-3000:]  # SIGKILL
     assert not (out / "SciFact").exists()
     (corpus_cache,) = cache.glob("corpus-*")

@@ -76,12 +76,17 @@ def train_args(setup, out, extra=()) -> list:
     return [*args, "--deepspeed", setup["ds"], "--global-batch-size", "8", "--lr", "1e-3", "--save-every", "2", *extra]
 
 
-def launch(setup, out: str, ranks: int = 2, extra=(), env=None, check=True, timeout=600):
-    """Run the training script under the deepspeed launcher; returns (process result, output dir)."""
+def launch(setup, out: str, ranks: int = 2, extra=(), env=None, check=True, timeout=600, fault=None):
+    """Run the training script under the deepspeed launcher; returns (process result, output dir).
+    fault: one of tests/fault_runner.py's faults, injected from outside the script."""
     out_dir = setup["root"] / out
     port = free_port()
     cmd = [deepspeed_launcher(), "--num_gpus", str(ranks), "--master_port", str(port)]
-    cmd += [str(a) for a in train_args(setup, out_dir, extra)]
+    args = train_args(setup, out_dir, extra)
+    if fault:
+        args[0] = REPO / "tests" / "fault_runner.py"
+        env = {**(env or {}), "FAULT": fault, "FAULT_SCRIPT": "train_biencoder"}
+    cmd += [str(a) for a in args]
     full_env = {**TRAIN_ENV, **(env or {})}
     res = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
     if check and res.returncode != 0:
@@ -190,7 +195,7 @@ def wait_for_steps(out: Path, steps: int, procs, timeout: float = 300) -> None:
 def test_kill_and_resume_give_bitwise_equal_weights(setup, clean_run):
     steps, clean = STEPS6, clean_run
     # 1) the whole job dies while writing the checkpoint of step 4: `latest` must still say step 2
-    res, crashed = launch(setup, "crash_in_save", extra=steps, env={"BIENCODER_FAULT": "save:4"}, check=False)
+    res, crashed = launch(setup, "crash_in_save", extra=steps, fault="kill_before_latest:4", check=False)
     assert res.returncode != 0
     assert (crashed / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     launch(setup, "crash_in_save", extra=steps)  # the same command resumes and finishes
@@ -336,7 +341,7 @@ def test_published_causal_lm_checkpoint_loads_exactly_with_fp32_rope(setup, tmp_
     base = save_causal_lm(tmp_path / "llama31")
     bf16 = {**setup, "model": base, "ds": REPO / "ds_configs" / "zero3_bf16.json"}
     args = ["--max-steps", "2", "--save-every", "1"]
-    res, broken = launch(bf16, "rope_broken", extra=args, env={"BIENCODER_FAULT": "rope_bf16"})
+    res, broken = launch(bf16, "rope_broken", extra=args, fault="rope_bf16")
     log = res.stdout + res.stderr
     assert "dropped: ['lm_head.weight']" in log
     assert "recomputed in fp32: ['encoder.rotary_emb.inv_freq', 'encoder.rotary_emb.original_inv_freq']" in log
