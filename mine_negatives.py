@@ -995,8 +995,10 @@ def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path, precision: 
     n = task.num_queries
     k = cfg.num_negatives
     world, me = world_size(), rank()
-    # query blocks of --query-block queries, smaller when that would leave a rank without work
-    size = max(1, min(cfg.query_block, math.ceil(n / world)))
+    # at most --query-block queries a block, the same number of blocks for every rank, blocks of equal
+    # size: every rank gets its share of the queries (within one block's rounding), none is left idle
+    blocks_per_rank = max(1, math.ceil(math.ceil(n / world) / cfg.query_block))
+    size = max(1, math.ceil(n / (world * blocks_per_rank)))
     blocks = [np.arange(a, min(a + size, n)) for a in range(0, n, size)]
     my_rows = np.concatenate([b for j, b in enumerate(blocks) if j % world == me] or [np.zeros(0, np.int64)])
     my_pos_off, pos_at = csr_take(task.pos_off, my_rows)

