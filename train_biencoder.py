@@ -554,9 +554,10 @@ def missing_for_resume(tag_dir: Path, r: int) -> str | None:
 
 def find_resume_point(cfg: TrainConfig, data: PreparedData) -> tuple[str, dict] | None:
     """The checkpoint every rank resumes from, decided before any model is built: rank 0's `latest`,
-    broadcast; each rank checks that it can read its part of it (its shards, its RNG state,
-    train_state.json), and all stop together, naming the ranks and hosts, if any cannot. Then the
-    settings, the number of GPUs and the data must be those of the run that wrote it."""
+    broadcast. The settings, the data (fingerprint) and the number of GPUs must be those of the run
+    that wrote it (rank 0's train_state.json, broadcast); then each rank checks that it can read its
+    part of it (its shards, its RNG state, train_state.json), and all stop together, naming the ranks
+    and hosts, if any cannot. Returns (tag, train_state) or None to start from step 0."""
     ckpt_dir = Path(cfg.output_dir) / CKPT_DIR
     hosts = gather(socket.gethostname())
     latest = gather(read_latest(ckpt_dir))
