@@ -9,12 +9,15 @@ torch.distributed only (no DeepSpeed): the miner runs under the launcher without
 import os
 import secrets
 import socket
+import time
 from pathlib import Path
 
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from common import UserError
+
+PROBE_WAIT_S = 10  # how long a rank looks for rank 0's probe file before it reports that it cannot see it
 
 
 def rank() -> int:
@@ -82,6 +85,9 @@ def check_shared_folder(folder: Path, flag: str, advice: str) -> None:
         name = f".shared-check-{secrets.token_hex(8)}"
         (folder / name).write_text(socket.gethostname())
     name = broadcast(name)
+    deadline = time.monotonic() + PROBE_WAIT_S  # a network filesystem may show a new file a little late
+    while not (folder / name).is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
     seen = gather(((folder / name).is_file(), socket.gethostname()))
     barrier()
     if rank() == 0:

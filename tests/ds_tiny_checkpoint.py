@@ -16,6 +16,7 @@ export must reproduce.
 """
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -27,15 +28,19 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import write_atomic  # noqa: E402
+from dataset import ARRAYS  # noqa: E402
 from model import BiEncoder, contrastive_loss, pack  # noqa: E402
 from train_biencoder import train_state  # noqa: E402
 
 QUERY_INSTRUCTION = "Instruct: Given a question, retrieve passages that answer the question\nQuery:"
 # What train_biencoder.py takes from the prepared data's meta.json for a checkpoint: one subset's prompts, the limits.
-DATA_META = {
+DATA_META = {  # the meta.json of the prepared data such a run would read (no data is read here)
     "subsets": [{"name": "tiny", "query_prompt": QUERY_INSTRUCTION + " ", "passage_prompt": ""}],
     "query_max_len": 512,
     "passage_max_len": 512,
+    "num_queries": 0,
+    "num_docs": 0,
+    "files": {f"{name}.npy": {"sha256": hashlib.sha256(name.encode()).hexdigest()} for name in ARRAYS},
 }
 PROBE_QUERIES = ["how do bi-encoders pool token states?", "what is ZeRO-3?"]
 PROBE_DOCUMENTS = ["Mean pooling averages the final hidden states.", "ZeRO-3 shards parameters across ranks.", "x"]
