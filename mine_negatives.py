@@ -180,9 +180,8 @@ def init_distributed() -> torch.device:
     """gloo process group when launched with several ranks (`deepspeed --num_gpus N`); this rank's device."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # barriers and small objects only: no GPU collectives needed
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local % torch.cuda.device_count())
+        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
