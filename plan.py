@@ -22,8 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common import UserError
-from model import empty_encoder
-from model.biencoder import encoder_key_report, stored_tensor_names
+from model.loading import empty_encoder, encoder_key_report, stored_tensor_names
 
 GB = 10**9  # the unit of every figure here (not GiB = 2**30)
 GPU_HEADROOM = 0.9  # of a GPU's memory: the allocator's fragmentation (reserved > allocated) ...

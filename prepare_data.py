@@ -23,7 +23,6 @@ Look at the result:
     python prepare_data.py --inspect prepared --index 0    # query 0 decoded, as JSON
 """
 
-import argparse
 import dataclasses
 import hashlib
 import itertools
@@ -36,7 +35,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +50,24 @@ from common import (
     atomic_file,
     load_pretrained,
     prompt_prefix,
-    read_json_file,
     run_cli,
     with_prompt,
 )
 from dataset import ARRAYS, FORMAT_VERSION, PreparedData, sha256_of
+from options import option, parse_config
+from sources import (
+    DataError,
+    doc_id_lists,
+    first_true,
+    jsonl_lines,
+    parquet_schema,
+    parse_jsonl_line,
+    read_json,
+    read_parquet,
+    string_ids,
+    subset_files,
+    subset_metadata,
+)
 
 REPO_ID = "nvidia/embed-nemotron-dataset-v1"
 DEFAULT_DOWNLOAD_PATH = "embed_nemotron_dataset_v1"
@@ -87,25 +99,30 @@ LONG_CHARS, CUT_CHARS = 16, 8
 SETTINGS = ("tokenizer", "query_max_len", "passage_max_len", "num_negatives", "subsets", "skip_invalid")
 
 
-class DataError(UserError):
-    """Bad input data; the message names the file and the row or id."""
-
-
 @dataclass
 class Config:
-    download_path: str | None = None  # None: ./embed_nemotron_dataset_v1, unless only --jsonl is given
-    jsonl: list[str] = field(default_factory=list)
-    subsets: list[str] | None = None  # None: the recipe's 14 (RECIPE_SUBSETS)
-    output_dir: str = "prepared"
-    tokenizer: str = "meta-llama/Llama-3.1-8B"
-    query_max_len: int = 512  # tokens, BOS included
-    passage_max_len: int = 512
-    num_negatives: int = 4
-    num_proc: int = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    skip_invalid: bool = False
-    overwrite: bool = False
-    inspect: str | None = None
-    index: int | None = None
+    """Every option of prepare_data.py: its flag is --field-name."""
+
+    download_path: str | None = option(
+        None,
+        f"HF-layout folder; missing subsets are downloaded from {REPO_ID}; "
+        f"unset: ./{DEFAULT_DOWNLOAD_PATH}, unless only --jsonl is given",
+    )
+    jsonl: list[str] = option([], "JSONL files {query, pos, neg, prompt}; one subset each")
+    subsets: list[str] | None = option(None, "subsets of --download-path, in this order; unset: the recipe's 14")
+    output_dir: str = option("prepared", "output folder")
+    tokenizer: str = option("meta-llama/Llama-3.1-8B", "HF name or local folder")
+    query_max_len: int = option(512, "tokens, BOS included")
+    passage_max_len: int = option(512, "tokens, BOS included")
+    num_negatives: int = option(4, "hard negatives kept per query")
+    num_proc: int = option(
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+        "tokenizer processes (this machine's cores)",
+    )
+    skip_invalid: bool = option(False, "skip queries with an empty pos_doc/neg_doc")
+    overwrite: bool = option(False, "rebuild --output-dir even if it is complete")
+    inspect: str | None = option(None, "print the summary of a prepared folder", metavar="OUTPUT_DIR")
+    index: int | None = option(None, "with --inspect: print query INDEX (0-based) decoded, as JSON")
 
     def validate(self) -> None:
         if self.inspect is None and self.index is not None:
@@ -149,28 +166,7 @@ class Config:
 
 
 def parse_args(argv=None) -> Config:
-    d = Config()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--download-path",
-        help=f"HF-layout folder; missing subsets are downloaded from {REPO_ID} "
-        f"(default ./{DEFAULT_DOWNLOAD_PATH}, unless only --jsonl is given)",
-    )
-    p.add_argument("--jsonl", nargs="+", default=[], help="JSONL files {query, pos, neg, prompt}; one subset each")
-    p.add_argument("--subsets", nargs="+", help="subsets of --download-path, in this order (default: the recipe's 14)")
-    p.add_argument("--output-dir", default=d.output_dir, help=f"(default {d.output_dir})")
-    p.add_argument("--tokenizer", default=d.tokenizer, help=f"HF name or local folder (default {d.tokenizer})")
-    p.add_argument("--query-max-len", type=int, default=d.query_max_len, help="tokens, BOS included (default 512)")
-    p.add_argument("--passage-max-len", type=int, default=d.passage_max_len, help="tokens, BOS included (default 512)")
-    p.add_argument("--num-negatives", type=int, default=d.num_negatives, help=f"(default {d.num_negatives})")
-    p.add_argument("--num-proc", type=int, default=d.num_proc, help=f"tokenizer processes (default {d.num_proc})")
-    p.add_argument("--skip-invalid", action="store_true", help="skip queries with an empty pos_doc/neg_doc")
-    p.add_argument("--overwrite", action="store_true", help="rebuild --output-dir even if it is complete")
-    p.add_argument("--inspect", metavar="OUTPUT_DIR", help="print the summary of a prepared folder")
-    p.add_argument("--index", type=int, help="with --inspect: print query INDEX (0-based) decoded, as JSON")
-    cfg = Config(**vars(p.parse_args(argv)))
-    cfg.validate()
-    return cfg
+    return parse_config(Config, argv, __doc__.split("\n\n")[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,39 +324,6 @@ def encode_shard(texts: list[str], prompt: str, max_len: int) -> tuple[np.ndarra
 # Inputs: download, ids_only restore, reading with checks
 
 
-def read_json(path: Path) -> dict:
-    return read_json_file(path, error=DataError)
-
-
-def parquet_schema(path: Path) -> pa.Schema:
-    if not path.is_file():
-        raise DataError(f"{path}: missing file")
-    try:
-        return pq.read_schema(path)
-    except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{path}: not a readable parquet file ({e})") from e
-
-
-def read_parquet(path: Path, columns: list[str], everything: bool = False) -> pa.Table:
-    """The table's `columns` (or every column when `everything`), after checking that `columns` exist."""
-    names = parquet_schema(path).names
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; it has {names}")
-    try:
-        return pq.read_table(path, columns=None if everything else columns)
-    except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{path}: not a readable parquet file ({e})") from e
-
-
-def subset_files(subset_dir: Path) -> tuple[Path, Path]:
-    """(queries, corpus) parquet files of a subset: the restored copies for ids_only subsets."""
-    meta = read_json(subset_dir / "dataset_metadata.json")
-    if meta.get("ids_only"):
-        return subset_dir / "queries.restored.parquet", subset_dir / "corpus.restored.parquet"
-    return subset_dir / "queries.parquet", subset_dir / "corpus.parquet"
-
-
 def missing_files(subset_dir: Path) -> list[str]:
     """Files of the HF layout absent from a subset folder (source_config.json only for ids_only)."""
     missing = [
@@ -461,43 +424,6 @@ def restore_ids_only(subset_dir: Path) -> None:
     for table, name in ((queries, "queries.restored.parquet"), (corpus, "corpus.restored.parquet")):
         with atomic_file(subset_dir / name) as tmp:  # a crash leaves no half-restored file
             pq.write_table(table, tmp)
-
-
-def first_true(mask) -> int:
-    """Index of the first true value of a boolean (pyarrow or numpy) array."""
-    return int(
-        np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False) if hasattr(mask, "to_numpy") else mask))[0]
-    )
-
-
-def string_ids(values: pa.Array, path: Path, what: str) -> pa.Array:
-    """Ids as strings ("Ids may be strings or ints: compare them as strings": the published data layout)."""
-    if not (
-        pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or pa.types.is_integer(values.type)
-    ):
-        raise DataError(f"{path}: {what} must be strings or integers, got {values.type}")
-    return pc.cast(values, pa.string())
-
-
-def doc_id_lists(column: pa.ChunkedArray, path: Path, name: str, question_ids: pa.Array) -> tuple[np.ndarray, pa.Array]:
-    """(offsets (n+1,), flat string ids) of a list<struct<id>> (or list<id>) column; null lists are empty."""
-    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
-        raise DataError(f"{path}: column {name!r} must be a list of {{'id': ...}}, got {column.type}")
-    lists = column.combine_chunks()
-    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    values = lists.flatten()
-    if pa.types.is_null(values.type) and len(values) == 0:  # every list empty: no element type was inferred
-        values = pa.array([], pa.string())
-    if pa.types.is_struct(values.type):
-        if values.type.get_field_index("id") < 0:
-            raise DataError(f"{path}: column {name!r} holds structs without an 'id' field ({values.type})")
-        values = pc.struct_field(values, "id")
-    values = string_ids(values, path, f"{name} ids")
-    if values.null_count:
-        row = int(np.searchsorted(offsets, first_true(values.is_null()), side="right") - 1)
-        raise DataError(f"{path}: query {question_ids[row].as_py()!r} (row {row}): a {name} entry has a null id")
-    return offsets, values
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,14 +554,6 @@ def duplicates(ids: pa.Array) -> dict:
     return {"count": len(dup), "example": dup[0]["values"].as_py()}
 
 
-def subset_metadata(subset_dir: Path) -> dict:
-    meta_path = subset_dir / "dataset_metadata.json"
-    meta = read_json(meta_path)
-    if not isinstance(meta.get("corpus_id"), str) or not meta["corpus_id"]:
-        raise DataError(f"{meta_path}: needs a non-empty string 'corpus_id'")
-    return meta
-
-
 def plan_hf_subset(subset_dir: Path, cfg: Config, docs: DocIndex, corpora: dict[str, Path] | None = None) -> Plan:
     """One subset of the HF layout. `corpora`: corpus_id -> subset folder, for every subset of the run.
 
@@ -745,42 +663,6 @@ def plan_hf_subset(subset_dir: Path, cfg: Config, docs: DocIndex, corpora: dict[
         doc_parts=doc_parts,
         quirks=quirks,
     )
-
-
-def parse_jsonl_line(line: str, where: str) -> tuple[str, list[str], list[str], str]:
-    """(query, pos, neg, prompt) of one line, checked; a missing "neg" is an empty list."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e})") from e
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for key in ("query", "pos"):
-        if key not in obj:
-            raise DataError(f"{where}: missing key {key!r}")
-    query, pos, neg, prompt = obj["query"], obj["pos"], obj.get("neg", []), obj.get("prompt") or ""
-    for key, value in (("query", query), ("prompt", prompt)):
-        if not isinstance(value, str):
-            raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
-    for key, value in (("pos", pos), ("neg", neg)):
-        if not isinstance(value, list):
-            raise DataError(f"{where}: {key!r} must be a list of strings, got {type(value).__name__}")
-        for i, text in enumerate(value):
-            if not isinstance(text, str):
-                raise DataError(f"{where}: {key}[{i}] must be a string, got {type(text).__name__}")
-    return query, pos, neg, prompt
-
-
-def jsonl_lines(path: Path):
-    """(line number, text) of every non-blank line of a UTF-8 JSONL file, read line by line."""
-    with open(path, "rb") as f:  # bytes, so that a decoding error names its line
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 ({e})") from e
-            if line.strip():
-                yield lineno, line
 
 
 def plan_jsonl(path: Path, cfg: Config, docs: DocIndex) -> Plan:

@@ -23,7 +23,6 @@ decay to 0 at the last step; clipping at the global grad norm. How the G queries
 GPUs and micro-batches does not change the math (see `micro_batch_loss_scale`).
 """
 
-import argparse
 import atexit
 import dataclasses
 import functools
@@ -46,6 +45,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
+import options
 from common import UserError, load_pretrained, read_json_file, run_cli, write_atomic
 from dataset import PreparedData, data_fingerprint, data_summary
 from distributed import (
@@ -69,6 +69,7 @@ from model import (
     pack,
     packed_kernel_name,
 )
+from options import option, resume_fields
 from plan import model_sizes, print_plan
 
 CKPT_DIR = "checkpoints"
@@ -81,33 +82,68 @@ LATEST = "latest"
 
 @dataclass
 class TrainConfig:
-    model: str = "meta-llama/Llama-3.1-8B"  # base model: hub name or local folder
-    data: str = "prepared"  # folder written by prepare_data.py (its default --output-dir)
-    output_dir: str = "output/llama_embed_nemotron_8b"
-    deepspeed: str = "ds_configs/zero3_bf16.json"  # engine settings only (ZeRO stage, bf16, buckets, offload)
-    global_batch_size: int = 128  # queries per optimizer step, all GPUs together
-    micro_batch_size: int | None = None  # queries per GPU per forward; None = pack by --max-tokens-per-gpu
-    max_tokens_per_gpu: int = 49152  # token budget of one packed micro-batch (queries + passages)
-    num_negatives: int = 4
-    temperature: float = 0.02
-    in_batch_negatives: bool = False
-    lr: float = 2e-6
-    warmup_steps: int = 2
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    epochs: int = 1
-    max_steps: int | None = None  # stop after this many steps; the LR schedule still spans the full run
-    seed: int = 125
-    save_every: int = 3000
-    keep_checkpoints: int = 2
-    gradient_checkpointing: bool = True
-    tensorboard: bool = False
-    dry_run: bool = False  # check everything, print the plan, exit: no GPU, no weights loaded
-    gpu_memory_gb: float | None = None  # --dry-run: one GPU's memory in GB (1e9 bytes) where none is visible
-    host_memory_gb: float | None = None  # --dry-run: one node's RAM in GB (1e9 bytes); default: this machine's
+    """Every training option: its flag is --field-name; resume=True: a resumed run must use the value
+    the checkpoint was written with (they define the data order, the loss and the optimizer's path)."""
+
+    model: str = option(
+        "meta-llama/Llama-3.1-8B",
+        "base model: Hugging Face hub name or local folder, Llama-family or BERT-family",
+        resume=True,
+    )
+    data: str = option("prepared", "folder written by prepare_data.py", resume=True)
+    output_dir: str = option(
+        "output/llama_embed_nemotron_8b",
+        "run folder: config.json, metrics.jsonl, checkpoints/ (a re-run resumes from it)",
+    )
+    deepspeed: str = option(
+        "ds_configs/zero3_bf16.json", "DeepSpeed JSON with engine settings only (ZeRO stage, bf16, buckets, offload)"
+    )
+    global_batch_size: int = option(
+        128, "queries per optimizer step, all GPUs together; divisible by the number of GPUs", resume=True
+    )
+    micro_batch_size: int | None = option(
+        None,
+        "queries per GPU per forward, with gradient accumulation; unset: pack by --max-tokens-per-gpu",
+        resume=True,
+    )
+    max_tokens_per_gpu: int = option(
+        49152, "token budget of one packed micro-batch (queries and their passages) per GPU", resume=True
+    )
+    num_negatives: int = option(4, "hard negatives per query (at most what --data holds)", resume=True)
+    temperature: float = option(0.02, "logits = cosine / temperature", resume=True)
+    in_batch_negatives: bool = option(
+        False, "also score each query against the other queries' passages of its micro-batch", resume=True
+    )
+    lr: float = option(2e-6, "peak learning rate", resume=True)
+    warmup_steps: int = option(2, "linear warmup steps, then linear decay to 0 at the last step", resume=True)
+    weight_decay: float = option(0.01, "decoupled (AdamW) weight decay, on all parameters", resume=True)
+    adam_beta1: float = option(0.9, "AdamW beta1", resume=True)
+    adam_beta2: float = option(0.999, "AdamW beta2", resume=True)
+    adam_eps: float = option(1e-8, "AdamW epsilon", resume=True)
+    max_grad_norm: float = option(1.0, "clip gradients to this global norm", resume=True)
+    epochs: int = option(1, "passes over --data; the LR schedule spans them all", resume=True)
+    max_steps: int | None = option(
+        None, "stop after this many optimizer steps (the LR schedule still spans every epoch)"
+    )
+    seed: int = option(125, "random seed (torch); epoch e's data order is randperm(N, seed + e)", resume=True)
+    save_every: int = option(3000, "write a checkpoint every this many steps (and at the end)")
+    keep_checkpoints: int = option(2, "newest checkpoints kept; older ones are deleted")
+    gradient_checkpointing: bool = option(
+        True, "recompute activations in the backward pass (less memory, same math)", resume=True
+    )
+    tensorboard: bool = option(False, "also log to OUTPUT_DIR/tensorboard (needs the tensorboard package)")
+    dry_run: bool = option(
+        False,
+        "check the data, model, tokenizer, ZeRO JSON and batch arithmetic, print the plan (steps, tokens, "
+        "micro-batches, memory per GPU and host memory per node) and exit; no GPU needed, no weights loaded",
+    )
+    gpu_memory_gb: float | None = option(
+        None,
+        "with --dry-run: memory of one GPU in GB = 1e9 bytes (80 for an 80 GB H100), where this machine has no GPU",
+    )
+    host_memory_gb: float | None = option(
+        None, "with --dry-run: RAM of one node in GB = 1e9 bytes, to plan for a node other than this machine"
+    )
 
     def validate(self):
         def need(ok, msg):
@@ -133,79 +169,12 @@ class TrainConfig:
         need(self.host_memory_gb is None or self.host_memory_gb > 0, "--host-memory-gb must be > 0")
 
 
-# Help text of every TrainConfig field: its command-line flag is --field-name (parse_config).
-HELP = {
-    "model": "base model: Hugging Face hub name or local folder, Llama-family or BERT-family",
-    "data": "folder written by prepare_data.py",
-    "output_dir": "run folder: config.json, metrics.jsonl, checkpoints/ (a re-run resumes from it)",
-    "deepspeed": "DeepSpeed JSON with engine settings only (ZeRO stage, bf16, buckets, offload)",
-    "global_batch_size": "queries per optimizer step, all GPUs together; divisible by the number of GPUs",
-    "micro_batch_size": "queries per GPU per forward, with gradient accumulation; unset: pack by --max-tokens-per-gpu",
-    "max_tokens_per_gpu": "token budget of one packed micro-batch (queries and their passages) per GPU",
-    "num_negatives": "hard negatives per query (at most what --data holds)",
-    "temperature": "logits = cosine / temperature",
-    "in_batch_negatives": "also score each query against the other queries' passages of its micro-batch",
-    "lr": "peak learning rate",
-    "warmup_steps": "linear warmup steps, then linear decay to 0 at the last step",
-    "weight_decay": "decoupled (AdamW) weight decay, on all parameters",
-    "adam_beta1": "AdamW beta1",
-    "adam_beta2": "AdamW beta2",
-    "adam_eps": "AdamW epsilon",
-    "max_grad_norm": "clip gradients to this global norm",
-    "epochs": "passes over --data; the LR schedule spans them all",
-    "max_steps": "stop after this many optimizer steps (the LR schedule still spans every epoch)",
-    "seed": "random seed (torch); epoch e's data order is randperm(N, seed + e)",
-    "save_every": "write a checkpoint every this many steps (and at the end)",
-    "keep_checkpoints": "newest checkpoints kept; older ones are deleted",
-    "gradient_checkpointing": "recompute activations in the backward pass (less memory, same math)",
-    "tensorboard": "also log to OUTPUT_DIR/tensorboard (needs the tensorboard package)",
-    "dry_run": "check the data, model, tokenizer, ZeRO JSON and batch arithmetic, print the plan (steps, "
-    "tokens, micro-batches, memory per GPU and host memory per node) and exit; no GPU needed, no weights loaded",
-    "gpu_memory_gb": "with --dry-run: memory of one GPU in GB = 1e9 bytes (80 for an 80 GB H100), where this "
-    "machine has no GPU",
-    "host_memory_gb": "with --dry-run: RAM of one node in GB = 1e9 bytes, to plan for a node other than this machine",
-}
-
-
-# Settings a resumed run must share with the run that wrote the checkpoint: they define the data
-# order, the loss and the optimizer trajectory. (max_steps, save_every, output paths may change.)
-RESUME_FIELDS = (
-    "model", "data", "global_batch_size", "micro_batch_size", "max_tokens_per_gpu", "num_negatives",
-    "temperature", "in_batch_negatives", "lr", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
-    "adam_eps", "max_grad_norm", "epochs", "seed", "gradient_checkpointing",
-)  # fmt: skip
-
-
-def flag_help(f: dataclasses.Field) -> str:
-    default = {True: "on", False: "off", None: "unset"}.get(f.default, f.default)
-    return f"{HELP.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse formats help with %
+RESUME_FIELDS = resume_fields(TrainConfig)
 
 
 def parse_config(argv=None) -> TrainConfig:
     """CLI flags, optionally on top of a JSON file (--config) with the same keys."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="JSON file with TrainConfig keys; flags given on the command line win")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:  # real on/off flags, never type=bool
-            parser.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=flag_help(f)
-            )
-        else:
-            cast = int if f.type in (int, int | None) else float if f.type in (float, float | None) else str
-            parser.add_argument(flag, dest=f.name, type=cast, default=None, help=flag_help(f))
-    args = parser.parse_args(argv)
-    values = {}
-    if args.config:
-        values = read_json_file(args.config, "--config")
-        unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
-        if unknown:
-            raise UserError(f"{args.config}: unknown keys {sorted(unknown)}")
-    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "local_rank")})
-    cfg = TrainConfig(**values)
-    cfg.validate()
-    return cfg
+    return options.parse_config(TrainConfig, argv, __doc__, config_file=True)
 
 
 def schedule_length(num_queries: int, global_batch_size: int, epochs: int) -> int:

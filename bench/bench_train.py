@@ -79,6 +79,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: E402
 import train_biencoder as tb  # noqa: E402
 from common import UserError, run_cli  # noqa: E402
 from dataset import PreparedData  # noqa: E402
+from distributed import log0, rank, world_size  # noqa: E402
 from model import BiEncoder, check_vocab_covers_tokenizer, contrastive_loss  # noqa: E402
 from plan import activation_bytes_per_token  # noqa: E402  (used only as a ratio between shapes here)
 
@@ -175,15 +176,10 @@ def single_process_env() -> bool:
     return True
 
 
-def log0(*args):
-    if tb.rank() == 0:
-        print(*args, flush=True)
-
-
 def prepare_default_data(cfg: BenchConfig, tokenizer: Path) -> Path:
     """SciFact's training queries, tokenized with the Llama-3 tokenizer by prepare_data.py (cached)."""
     out = Path(cfg.workdir) / "prepared_scifact"
-    if tb.rank() == 0:
+    if rank() == 0:
         log0(f"SciFact tokenized with {tokenizer} -> {out}")
         prepare_scifact(out, tokenizer)
     dist.barrier()
@@ -194,7 +190,7 @@ def make_model_folder(cfg: BenchConfig, tokenizer: Path) -> Path:
     """config.json + tokenizer of --shape; random weights saved only for the tiny shape."""
     weights = cfg.shape == "tiny" and not cfg.build_from_config
     out = Path(cfg.workdir) / f"model_{cfg.shape}{'' if weights else '_config_only'}"
-    if tb.rank() == 0:
+    if rank() == 0:
         # tiny: saved like tests/tiny_models.save_tiny_llama, loaded by build_engine as shipped;
         # 1b / 8b: built under deepspeed.zero.Init from config.json (see build_model)
         shutil.rmtree(out, ignore_errors=True)
@@ -410,7 +406,7 @@ def train_config(cfg: BenchConfig, model_dir: Path, data_dir: Path, **overrides)
 
 
 def run_ours(cfg: BenchConfig, data: PreparedData, model_dir: Path, steps: list, model_config) -> dict:
-    W = tb.world_size()
+    W = world_size()
     train_cfg = train_config(cfg, model_dir, data.path)
     ds_config = tb.build_ds_config(train_cfg, W)
     num_steps = math.ceil(len(data) / train_cfg.global_batch_size)
@@ -457,7 +453,7 @@ def memory_slope(cfg: BenchConfig, train_cfg: tb.TrainConfig, step, queries, len
     The peak of a step is the model states plus the activations of its largest micro-batch; with
     full recompute the latter grow linearly with its tokens, so two budgets give the slope.
     """
-    W, r = tb.world_size(), tb.rank()
+    W, r = world_size(), rank()
 
     def largest(budget):
         split = tb.split_step(queries, lengths[queries], W, None, budget)[r]
@@ -488,7 +484,7 @@ def memory_slope(cfg: BenchConfig, train_cfg: tb.TrainConfig, step, queries, len
 
 
 def run_reference(cfg: BenchConfig, data: PreparedData, model_dir: Path, steps: list, model_config) -> dict:
-    W, r = tb.world_size(), tb.rank()
+    W, r = world_size(), rank()
     # One query per micro-batch, G / W accumulation steps: build_ds_config's arithmetic for it.
     train_cfg = train_config(cfg, model_dir, data.path, micro_batch_size=1)
     ds_config = tb.build_ds_config(train_cfg, W)
@@ -546,7 +542,7 @@ def run_st(cfg: BenchConfig, data: PreparedData, model_dir: Path, steps: list, m
 
     from model import make_bidirectional
 
-    W, G, k = tb.world_size(), cfg.global_batch_size, cfg.num_negatives
+    W, G, k = world_size(), cfg.global_batch_size, cfg.num_negatives
     mb = cfg.st_micro_batch(W)
     gas = G // (mb * W)
 
@@ -708,7 +704,7 @@ def memory_plan(slope: dict, model_config, shape: str, world: int) -> dict:
 
     c8 = llama_config("8b")
     total, largest = total_params(c8), c8.vocab_size * c8.hidden_size  # the embedding is the largest layer
-    if tb.rank() == 0:
+    if rank() == 0:
         estimate_zero3_model_states_mem_needs_all_cold(total, largest, num_gpus_per_node=PLAN_GPUS, num_nodes=1)
     _, states, largest_layer = estimate_zero3_model_states_mem_needs(
         total, largest, PLAN_GPUS, 1, cpu_offload=False, cpu_offload_params=False, zero_init=True
@@ -831,7 +827,7 @@ def main(argv=None):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed()
     atexit.register(tb.remove_cpu_shm_buffer)  # DeepSpeed leaves its CPU allreduce buffer in /dev/shm
-    W = tb.world_size()
+    W = world_size()
     cfg.validate(W)
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -919,7 +915,7 @@ def main(argv=None):
         },  # fmt: skip
         "memory_plan_8b": plan,
     }
-    if tb.rank() == 0:
+    if rank() == 0:
         print_report(report)
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2) + "\n")

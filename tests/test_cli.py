@@ -17,6 +17,7 @@ import pytest
 import common
 import evaluate
 import export_hf
+import options
 import prepare_data
 import train_biencoder as tb
 from common import USER_ERROR_STATUS, UserError, run_cli
@@ -232,14 +233,15 @@ def test_old_flag_spellings_still_work_and_are_hidden(capsys):
 
 
 def test_every_training_flag_has_help_and_one_default():
-    fields = dataclasses.fields(tb.TrainConfig)
-    assert {f.name for f in fields} <= set(tb.HELP), "add a HELP entry for each new TrainConfig field"
-    for f in fields:
-        text = tb.flag_help(f)
+    for f in dataclasses.fields(tb.TrainConfig):
+        assert "help" in f.metadata, f"declare TrainConfig.{f.name} with option(default, help)"
+        text = options.flag_help(f)
         assert text.count("(default: ") == 1 and len(text) > len("(default: x)") + 10, (f.name, text)
+    assert tb.RESUME_FIELDS == options.resume_fields(tb.TrainConfig)
+    assert "seed" in tb.RESUME_FIELDS and "max_steps" not in tb.RESUME_FIELDS  # a run may be extended
 
 
 def test_export_device_has_one_default():
     cfg = export_hf.parse_args([])
     assert cfg.device == export_hf.ExportConfig().device == "auto"
-    assert export_hf.resolve_device("auto") in ("cpu", "cuda") and export_hf.resolve_device("cpu") == "cpu"
+    assert common.resolve_device("auto") in ("cpu", "cuda") and common.resolve_device("cpu") == "cpu"

@@ -15,6 +15,7 @@ import pytest
 
 import evaluate
 import export_hf
+import sources
 from tiny_models import REPO, save_tiny_llama
 
 BEIR = REPO / "data" / "scifact-beir"
@@ -47,13 +48,13 @@ def local_scifact_task(num_queries: int = 30, num_docs: int = 300):
     from mteb.abstasks.retrieval import AbsTaskRetrieval
     from mteb.abstasks.task_metadata import TaskMetadata
 
-    data = evaluate.load_beir(BEIR)
+    data = sources.load_beir(BEIR)
     qids = data["query_ids"][:num_queries]
     qrels = {q: data["qrels"][q] for q in qids}
     keep = set(data["doc_ids"][:num_docs]) | {d for rels in qrels.values() for d in rels}
     corpus = [
         {"id": doc_id, "text": row["text"], "title": row.get("title") or ""}
-        for doc_id, row in zip(data["doc_ids"], evaluate.read_jsonl(BEIR / "corpus.jsonl"), strict=True)
+        for doc_id, row in zip(data["doc_ids"], sources.read_beir_jsonl(BEIR / "corpus.jsonl"), strict=True)
         if doc_id in keep
     ]
     queries = [{"id": q, "text": text} for q, text in zip(qids, data["queries"], strict=False)]

@@ -10,11 +10,14 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import evaluate as ev
+import retrieval
+import sources
 from model import BiEncoder
 from tiny_models import copy_minilm, minilm_dir, save_tiny_last_token_model
 
@@ -31,30 +34,30 @@ def test_ndcg_graded_hand_computed():
     ranking = ["c", "a", "z", "b"]  # c judged not relevant, z not judged
     dcg = 0 + 2 / math.log2(3) + 0 + 1 / math.log2(5)
     idcg = 2 / math.log2(2) + 1 / math.log2(3)
-    assert ev.ndcg_at_k(ranking, rels, 10) == pytest.approx(dcg / idcg)
-    assert ev.ndcg_at_k(ranking, rels, 10) == pytest.approx(0.643322, abs=1e-6)
+    assert retrieval.ndcg_at_k(ranking, rels, 10) == pytest.approx(dcg / idcg)
+    assert retrieval.ndcg_at_k(ranking, rels, 10) == pytest.approx(0.643322, abs=1e-6)
     # cut at 2: b (rank 4) no longer counts, the ideal still holds both relevant documents
-    assert ev.ndcg_at_k(ranking, rels, 2) == pytest.approx((2 / math.log2(3)) / idcg)
-    assert ev.ndcg_at_k(["a", "b"], rels, 10) == pytest.approx(1.0)
-    assert ev.ndcg_at_k(["a"], {"a": 0}, 10) == 0.0  # no relevant document: 0, not a division by 0
+    assert retrieval.ndcg_at_k(ranking, rels, 2) == pytest.approx((2 / math.log2(3)) / idcg)
+    assert retrieval.ndcg_at_k(["a", "b"], rels, 10) == pytest.approx(1.0)
+    assert retrieval.ndcg_at_k(["a"], {"a": 0}, 10) == 0.0  # no relevant document: 0, not a division by 0
 
 
 def test_recall_and_mrr_hand_computed():
     rels = {"a": 1, "b": 3, "c": 0}
     ranking = [f"n{i}" for i in range(10)] + ["b", "c", "a"]  # b at rank 11, a at rank 13
-    assert ev.recall_at_k(ranking, rels, 10) == 0.0
-    assert ev.recall_at_k(ranking, rels, 11) == 0.5
-    assert ev.recall_at_k(ranking, rels, 100) == 1.0
-    assert ev.mrr_at_k(ranking, rels, 10) == 0.0
-    assert ev.mrr_at_k(["c", "x", "a"], rels, 10) == pytest.approx(1 / 3)  # c has score 0: not relevant
-    assert ev.recall_at_k(["c"], {"c": 0}, 10) == 0.0
+    assert retrieval.recall_at_k(ranking, rels, 10) == 0.0
+    assert retrieval.recall_at_k(ranking, rels, 11) == 0.5
+    assert retrieval.recall_at_k(ranking, rels, 100) == 1.0
+    assert retrieval.mrr_at_k(ranking, rels, 10) == 0.0
+    assert retrieval.mrr_at_k(["c", "x", "a"], rels, 10) == pytest.approx(1 / 3)  # c has score 0: not relevant
+    assert retrieval.recall_at_k(["c"], {"c": 0}, 10) == 0.0
 
 
 def test_ties_are_broken_by_doc_id_descending_as_trec_eval():
-    assert ev.ranked({"w": 0.2, "x": 0.2, "a": 0.9, "y": 0.1}) == ["a", "x", "w", "y"]
+    assert retrieval.ranked({"w": 0.2, "x": 0.2, "a": 0.9, "y": 0.1}) == ["a", "x", "w", "y"]
     # the relevant x comes before w at the same score: MRR 1, not 1/2
-    assert ev.retrieval_metrics({"q": {"x": 1}}, {"q": {"w": 0.2, "x": 0.2}})["MRR@10"] == 1.0
-    assert ev.retrieval_metrics({"q": {"w": 1}}, {"q": {"w": 0.2, "x": 0.2}})["MRR@10"] == 0.5
+    assert retrieval.retrieval_metrics({"q": {"x": 1}}, {"q": {"w": 0.2, "x": 0.2}})["MRR@10"] == 1.0
+    assert retrieval.retrieval_metrics({"q": {"w": 1}}, {"q": {"w": 0.2, "x": 0.2}})["MRR@10"] == 0.5
 
 
 def test_averages_over_qrels_queries_missing_ones_score_zero():
@@ -69,14 +72,14 @@ def test_averages_over_qrels_queries_missing_ones_score_zero():
         "q2": {"x": 0.8, "w": 0.2},
         "q9": {"x": 1.0},  # not in qrels: ignored
     }
-    m = ev.retrieval_metrics(qrels, run)
+    m = retrieval.retrieval_metrics(qrels, run)
     ndcg_q1 = (2 / math.log2(3) + 1 / math.log2(5)) / (2 + 1 / math.log2(3))
     assert m["NDCG@10"] == pytest.approx((ndcg_q1 + 1) / 4)
     assert m["Recall@10"] == pytest.approx(2 / 4)
     assert m["Recall@100"] == pytest.approx(2 / 4)
     assert m["MRR@10"] == pytest.approx((1 / 2 + 1) / 4)
     with pytest.raises(ValueError, match="no queries"):
-        ev.retrieval_metrics({}, run)
+        retrieval.retrieval_metrics({}, run)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,27 +92,27 @@ def test_chunked_topk_equals_full_sort(chunk_size, query_block):
     q = torch.nn.functional.normalize(torch.randn(13, 16, generator=g), dim=-1)
     d = torch.nn.functional.normalize(torch.randn(103, 16, generator=g), dim=-1)
     k = 10
-    scores, idx = ev.search(q, d, k, chunk_size=chunk_size, query_block=query_block)
+    scores, idx, _, _ = retrieval.search([q.numpy()], [d.numpy()], k, doc_block=chunk_size, query_block=query_block)
     full = q @ d.T
     ref_scores, ref_idx = full.sort(dim=1, descending=True)
-    torch.testing.assert_close(scores, ref_scores[:, :k])
-    assert torch.equal(idx, ref_idx[:, :k])  # random floats: no ties, so the order is unique
+    torch.testing.assert_close(torch.from_numpy(scores), ref_scores[:, :k])
+    assert torch.equal(torch.from_numpy(idx), ref_idx[:, :k])  # random floats: no ties, so the order is unique
 
 
 def test_chunked_topk_with_ties_and_k_above_corpus():
     d = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])  # three identical docs
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    scores, idx = ev.search(q, d, 10, chunk_size=2, query_block=1)  # k > N: all 5 docs
-    assert scores.shape == (2, 5)
-    torch.testing.assert_close(scores, (q @ d.T).sort(dim=1, descending=True).values)
-    assert set(idx[0, :3].tolist()) == {0, 1, 3}  # the tied docs, in some order
-    assert sorted(idx[1].tolist()) == [0, 1, 2, 3, 4]
+    scores, idx, _, _ = retrieval.search([q.numpy()], [d.numpy()], 10, doc_block=2, query_block=1)  # k > N
+    assert scores.shape == (2, 10) and (idx[:, 5:] == -1).all() and np.isneginf(scores[:, 5:]).all()
+    torch.testing.assert_close(torch.from_numpy(scores[:, :5]), (q @ d.T).sort(dim=1, descending=True).values)
+    assert idx[0, :3].tolist() == [0, 1, 3]  # the tied docs, in corpus order
+    assert sorted(idx[1, :5].tolist()) == [0, 1, 2, 3, 4]
 
 
 def test_build_run_drops_the_query_itself():
     scores = torch.tensor([[0.9, 0.8, 0.7]])
     idx = torch.tensor([[1, 0, 2]])
-    run = ev.build_run(["d1"], ["d0", "d1", "d2"], scores, idx, k=2)
+    run = retrieval.build_run(["d1"], ["d0", "d1", "d2"], scores, idx, k=2)
     assert list(run["d1"]) == ["d0", "d2"]
 
 
@@ -118,17 +121,17 @@ def test_build_run_drops_the_query_itself():
 
 
 def test_doc_text_rules():
-    assert ev.doc_text("A title", "Body.") == "A title. Body."
-    assert ev.doc_text("Is it?", "Body.") == "Is it? Body."
-    assert ev.doc_text("Done.", " Body. ") == "Done. Body."
-    assert ev.doc_text("Wow!", "Body") == "Wow! Body"
-    assert ev.doc_text("", "Body") == "Body"
-    assert ev.doc_text("  ", "Body") == "Body"
+    assert sources.doc_text("A title", "Body.") == "A title. Body."
+    assert sources.doc_text("Is it?", "Body.") == "Is it? Body."
+    assert sources.doc_text("Done.", " Body. ") == "Done. Body."
+    assert sources.doc_text("Wow!", "Body") == "Wow! Body"
+    assert sources.doc_text("", "Body") == "Body"
+    assert sources.doc_text("  ", "Body") == "Body"
 
 
 def test_doc_text_matches_scifact_corpus_parquet():
     """data/README.md: the baseline embeds documents as in data/scifact/corpus.parquet."""
-    data = ev.load_beir(SCIFACT)
+    data = sources.load_beir(SCIFACT)
     ref = pd.read_parquet(REPO / "data" / "scifact" / "corpus.parquet")
     ref = dict(zip(ref["id"].astype(str), ref["text"], strict=True))
     assert len(data["docs"]) == len(ref) == 5183
@@ -149,7 +152,7 @@ def test_load_beir_skips_and_counts(tmp_path):
     corpus = [{"_id": "d1", "title": "T", "text": "one"}, {"_id": "d2", "title": "", "text": "two"}]
     queries = [{"_id": "q1", "text": "first"}, {"_id": "q2", "text": "second"}, {"_id": "q3", "text": "no qrels"}]
     qrels = ["q1\td1\t1", "q1\td404\t2", "q2\td2\t0", "q404\td1\t1"]
-    data = ev.load_beir(write_beir(tmp_path, corpus, queries, qrels, newline="\r\n"))  # CRLF as in BEIR's zip
+    data = sources.load_beir(write_beir(tmp_path, corpus, queries, qrels, newline="\r\n"))  # CRLF as in BEIR's zip
     assert data["query_ids"] == ["q1", "q2"]  # q3 has no judgments: not evaluated
     assert data["queries"] == ["first", "second"]
     assert data["docs"] == ["T. one", "two"]
@@ -161,13 +164,13 @@ def test_load_beir_skips_and_counts(tmp_path):
 
 def test_load_beir_errors(tmp_path):
     with pytest.raises(ValueError, match=r"corpus\.jsonl.*BEIR layout"):
-        ev.load_beir(tmp_path)
+        sources.load_beir(tmp_path)
     root = write_beir(tmp_path, [{"_id": "d", "text": "x"}], [{"_id": "q", "text": "y"}], ["q\td\thigh"])
     with pytest.raises(ValueError, match=r"test\.tsv:2: score 'high'"):
-        ev.load_beir(root)
+        sources.load_beir(root)
     (root / "corpus.jsonl").write_text('{"_id": "d", "text": "x"}\n{"_id": "d"\n')
     with pytest.raises(ValueError, match=r"corpus\.jsonl:2: not valid JSON"):
-        ev.load_beir(root)
+        sources.load_beir(root)
 
 
 def test_settings_from_the_model_folder(tmp_path):
@@ -253,7 +256,7 @@ def test_cli_end_to_end_on_a_scifact_subset(scifact_subset, tmp_path, capsys):
     # corpus.parquet texts, a full sort, no chunking.
     from sentence_transformers import SentenceTransformer
 
-    data = ev.load_beir(scifact_subset)
+    data = sources.load_beir(scifact_subset)
     ref_text = pd.read_parquet(REPO / "data" / "scifact" / "corpus.parquet").set_index("id")["text"]
     st = SentenceTransformer(str(minilm_dir()), device="cpu")
     q = st.encode(data["queries"], convert_to_tensor=True, normalize_embeddings=True)
@@ -262,7 +265,7 @@ def test_cli_end_to_end_on_a_scifact_subset(scifact_subset, tmp_path, capsys):
     run = {
         qid: dict(zip(data["doc_ids"], row, strict=True)) for qid, row in zip(data["query_ids"], scores, strict=True)
     }
-    ref = ev.retrieval_metrics(data["qrels"], run)
+    ref = retrieval.retrieval_metrics(data["qrels"], run)
     for name in m:
         assert m[name] == pytest.approx(ref[name], abs=1e-6), name
 

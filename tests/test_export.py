@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import export_hf
+import hf_files
 from common import USER_ERROR_STATUS, run_cli
 from tiny_models import REPO, deepspeed_launcher, free_port, minilm_dir, save_tiny_llama
 
@@ -47,7 +48,7 @@ def test_plan_shards_bounds_bytes_and_keeps_order():
 
 def test_prompts_are_the_training_datas_strings():
     one = {"SciFact": {"query": "Q: ", "passage": "P: "}}
-    assert export_hf.sentence_transformers_prompts(one) == {
+    assert hf_files.sentence_transformers_prompts(one) == {
         "query": "Q: ",
         "document": "P: ",
         "SciFact-query": "Q: ",
@@ -56,7 +57,7 @@ def test_prompts_are_the_training_datas_strings():
     # Subsets with different prompts: no default, each subset's own by name; a JSONL file whose lines
     # carry their own prompts (query None) has no query prompt at all
     mixed = {**one, "NQ": {"query": "N: ", "passage": ""}, "mine": {"query": None, "passage": ""}}
-    got = export_hf.sentence_transformers_prompts(mixed)
+    got = hf_files.sentence_transformers_prompts(mixed)
     assert "query" not in got and "document" not in got and "mine-query" not in got
     assert got["NQ-query"] == "N: " and got["SciFact-document"] == "P: " and got["mine-document"] == ""
 
@@ -234,12 +235,12 @@ def test_llama_export_has_the_reference_format(runs, exports):
     assert config["model_type"] == "llama_bidirec"
     assert config["pooling"] == "avg"
     assert config["is_causal"] is False
-    assert config["auto_map"] == export_hf.AUTO_MAP
+    assert config["auto_map"] == hf_files.AUTO_MAP
     base = json.loads((runs["a"][0].parent / "tiny_llama" / "config.json").read_text())
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
         assert config[key] == base[key], key
     assert config["rope_theta"] == 500000.0  # also for transformers 4.x readers
-    assert (path / "llama_bidirectional_model.py").read_text() == export_hf.REMOTE_CODE.read_text()
+    assert (path / "llama_bidirectional_model.py").read_text() == hf_files.REMOTE_CODE.read_text()
 
     tok = json.loads((path / "tokenizer_config.json").read_text())
     assert tok["padding_side"] == "left" and tok["pad_token"] == tok["eos_token"] == "<|end_of_text|>"

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import mine_negatives as mn
+import retrieval
 from common import USER_ERROR_STATUS, run_cli
 from tiny_models import (
     REPO,
@@ -193,7 +194,7 @@ def test_bf16_search_decides_exactly_as_fp32(tmp_path, margin_type, margin, teac
     assert res["neg_scores"].tolist() == [np.float32(S[i, j]) for i in range(n) for j in got[i]]
     assert res["search"]["precision"] == "bf16" and 0 < res["search"]["pairs_rescored_fp32"] < n * N
     thr = res["threshold"][:, None].astype(np.float64)
-    e = mn.bf16_score_error(D, 0.5 * D**0.5, 0.5 * D**0.5)
+    e = retrieval.bf16_score_error(D, 0.5 * D**0.5, 0.5 * D**0.5)
     assert ((np.abs(S - thr) < e) & (S != thr)).any()  # near ties at the threshold: decided by the fp32 rescores
     scores = [res["neg_scores"][res["neg_off"][i] : res["neg_off"][i + 1]] for i in range(n)]
     assert any(len(x) > 1 and (np.diff(x) == 0).any() for x in scores)  # exact ties, in corpus order
@@ -201,7 +202,7 @@ def test_bf16_search_decides_exactly_as_fp32(tmp_path, margin_type, margin, teac
 
 def test_topk_first_breaks_ties_by_column():
     s = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0, 5.0]])
-    v, c = mn.topk_first(s, 3)
+    v, c = retrieval.topk_first(s, 3)
     assert c.tolist() == [[1, 2, 4], [5, 0, 1]] and v.tolist() == [[3, 3, 3], [5, 0, 0]]
 
 
@@ -458,10 +459,10 @@ def test_llama_export_teacher_stays_bidirectional_with_mean_pooling(tmp_path, ll
     """An export of this project (and llama-embed-nemotron-8b: model_type llama_bidirec, mean pooling
     in its sentence-transformers files) is embedded bidirectionally; a plain decoder with the same
     files keeps its causal attention, as sentence-transformers would run it."""
-    import export_hf
+    import hf_files
 
     folder = save_tiny_llama(tmp_path / "export")
-    export_hf.write_sentence_transformers(folder, 64, {"query": "", "document": ""}, 48)
+    hf_files.write_sentence_transformers(folder, 64, {"query": "", "document": ""}, 48)
     plain = mn.resolve_teacher(str(folder), None, None, None)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama_bidirec"}))
@@ -599,6 +600,6 @@ def test_half_precision_cache(tmp_path):
         stats = json.loads((out / "SciFact" / "mining_stats.json").read_text())
         raw = mn.ChunkedRows(Path(stats["embedding"][0]["corpus"]["cache"]))[:]
         assert raw.dtype == stored
-        assert np.allclose(mn.as_float(raw, "cpu").numpy(), cached(full, 0, "corpus"), atol=atol)
+        assert np.allclose(retrieval.as_float(raw, "cpu").numpy(), cached(full, 0, "corpus"), atol=atol)
         _, s16 = read_mined(out)
         assert all(np.allclose(a[:1], b[:1], atol=2 * atol) for a, b in zip(s32, s16, strict=True) if a and b)
