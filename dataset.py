@@ -58,6 +58,12 @@ def data_summary(meta: dict) -> dict:
     }
 
 
+def subset_prompts(meta: dict) -> dict:
+    """Each subset's exact query and passage prompt strings ({name: {"query", "passage"}}; query None:
+    JSONL lines with prompts of their own): what an export gives sentence-transformers."""
+    return {s["name"]: {"query": s["query_prompt"], "passage": s["passage_prompt"]} for s in meta["subsets"]}
+
+
 class PreparedData:
     def __init__(self, path):
         self.path = Path(path)

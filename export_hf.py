@@ -112,7 +112,9 @@ class ExportConfig:
     checkpoint: list[str] = option(
         [], "run / checkpoints / tag / export folders, instead of --run; several are averaged", metavar="PATH"
     )
-    tag: str | None = option(None, "checkpoint tag, e.g. step_00003000; unset: the one in checkpoints/latest")
+    tag: str | None = option(
+        None, "checkpoint tag, e.g. step_00003000, or best (--keep-best's); unset: the one in checkpoints/latest"
+    )
     output_dir: str | None = option(None, "output folder; unset: <run>/export", hidden_aliases=["--out"])
     dtype: str = option("bfloat16", "exported weights", choices=list(DTYPES))
     max_shard_size: str = option("5GB", "e.g. 5GB (10^9 bytes), 500MiB, 100000")
@@ -527,6 +529,11 @@ def open_source(path: str, tag: str | None):
                 + (f"; tags present: {', '.join(tags)} (choose one with --tag)" if tags else "")
             )
         tag = latest.read_text().strip()
+    elif tag == "best":  # train_biencoder.py --keep-best: checkpoints/best names that checkpoint's tag
+        best = ckpt_dir / "best"
+        if not best.is_file():
+            raise UserError(f"--tag best: {best} does not exist (the run was not trained with --keep-best)")
+        tag = best.read_text().strip()
     if not (ckpt_dir / tag).is_dir():
         raise UserError(f"no checkpoint tag {tag!r} in {ckpt_dir}; tags present: {', '.join(tags) or 'none'}")
     return ZeroCheckpoint(ckpt_dir / tag)

@@ -25,7 +25,6 @@ GPUs and micro-batches does not change the math (see `micro_batch_loss_scale`).
 
 import atexit
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -46,8 +45,9 @@ from transformers import AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
 import options
+from batches import collate, epoch_order, example_lengths, split_step
 from common import UserError, load_pretrained, read_json_file, run_cli, write_atomic
-from dataset import PreparedData, data_fingerprint, data_summary
+from dataset import PreparedData, data_fingerprint, data_summary, subset_prompts
 from distributed import (
     barrier,
     broadcast,
@@ -66,14 +66,15 @@ from model import (
     check_vocab_covers_tokenizer,
     contrastive_loss,
     load_config,
-    pack,
     packed_kernel_name,
 )
 from options import option, resume_fields
 from plan import model_sizes, print_plan
+from train_eval import better, check_eval_options, evaluate, load_eval_sets
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
+BEST = "best"  # --keep-best: the tag of the best checkpoint so far
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,6 +146,36 @@ class TrainConfig:
         None, "with --dry-run: RAM of one node in GB = 1e9 bytes, to plan for a node other than this machine"
     )
 
+    eval_beir: list[str] | None = option(
+        None,
+        "BEIR folders (corpus.jsonl, queries.jsonl, qrels/test.tsv): full-corpus retrieval at step 0, every "
+        "--eval-every steps and at the end; NDCG@10, Recall@10/100, MRR@10 as evaluate.py gives on the export",
+        metavar="DIR",
+    )
+    eval_data: list[str] | None = option(
+        None,
+        "prepared folders (held-out splits): the recipe's validation loss, acc@1 and MRR over each query's "
+        "positive and --num-negatives negatives",
+        metavar="PREPARED",
+    )
+    eval_every: int | None = option(None, "evaluate every this many steps; unset: at step 0 and at the end only")
+    eval_max_queries: int | None = option(
+        None, "evaluate on a fixed random sample (seed 0) of this many queries of each BEIR folder; unset: all"
+    )
+    eval_max_docs: int | None = option(
+        None, "corpus sample of each BEIR folder: every document the queries judge, then random others up to this"
+    )
+    eval_prompts: str | None = option(
+        None,
+        'JSON {"<folder name>": {"query": ..., "document": ... | "prompt_name": subset, "max_length": n}}; '
+        "unset: the prompts and max length the export gets (the data's)",
+    )
+    keep_best: str | None = option(
+        None,
+        "keep the checkpoint with the best value of this metric (e.g. eval/scifact/ndcg@10; a loss: the lowest) "
+        "besides the newest --keep-checkpoints, never pruned; export it with export_hf.py --tag best",
+    )
+
     def validate(self):
         def need(ok, msg):
             if not ok:
@@ -167,6 +198,9 @@ class TrainConfig:
         need(self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
         need(self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "--gpu-memory-gb must be > 0")
         need(self.host_memory_gb is None or self.host_memory_gb > 0, "--host-memory-gb must be > 0")
+        for name in ("eval_every", "eval_max_queries", "eval_max_docs"):
+            value = getattr(self, name)
+            need(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 RESUME_FIELDS = resume_fields(TrainConfig)
@@ -214,78 +248,6 @@ def micro_batch_loss_scale(step_queries: int, world: int) -> float:
     step of an epoch may hold fewer than --global-batch-size).
     """
     return world / step_queries
-
-
-def split_step(
-    queries: np.ndarray, lengths: np.ndarray, world: int, micro_batch_size: int | None, max_tokens: int
-) -> list[list[np.ndarray]]:
-    """Split one optimizer step's queries into per-rank lists of micro-batches.
-
-    Every rank gets the same number of micro-batches (ZeRO-3 needs the same collectives on every
-    rank). With micro_batch_size: rank r takes a contiguous slice of the step, cut into micro-batches
-    of at most micro_batch_size queries. Otherwise queries are balanced over ranks by tokens, then
-    over the fewest micro-batches that fit max_tokens (a query that alone exceeds it runs alone).
-    Deterministic, computed identically on every rank. `lengths`: tokens of each query's example.
-    """
-    if micro_batch_size is not None:
-        per_rank = np.array_split(queries, world)
-        m = max(math.ceil(len(r) / micro_batch_size) for r in per_rank)
-        return [np.array_split(r, m) for r in per_rank]
-    order = np.argsort(-lengths, kind="stable")  # longest first: greedy balancing (LPT)
-    ranks = [[] for _ in range(world)]
-    load = np.zeros(world, dtype=np.int64)
-    for i in order:
-        r = int(np.argmin(load))
-        ranks[r].append(i)
-        load[r] += lengths[i]
-
-    def pack_bins(items, m):
-        bins, bin_load = [[] for _ in range(m)], np.zeros(m, dtype=np.int64)
-        for i in items:  # items are already longest first
-            b = int(np.argmin(bin_load))
-            bins[b].append(i)
-            bin_load[b] += lengths[i]
-        fits = all(bin_load[b] <= max_tokens or len(bins[b]) == 1 for b in range(m))
-        return [sorted(b) for b in bins], fits
-
-    m = max(1, max(math.ceil(int(load[r]) / max_tokens) for r in range(world)))
-    while True:
-        packed = [pack_bins(items, m) for items in ranks]
-        if all(fits for _, fits in packed) or m >= max(len(items) for items in ranks):
-            break
-        m += 1
-    # keep the step's order inside each micro-batch; drop nothing, empty bins stay empty
-    return [[queries[np.array(b, dtype=np.int64)] for b in bins] for bins, _ in packed]
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-
-
-@functools.lru_cache(maxsize=1)
-def epoch_order(num_queries: int, seed: int, epoch: int) -> np.ndarray:
-    """The recipe's order: torch.randperm(N, generator=manual_seed(seed + epoch)).
-
-    Cached: every step of an epoch slices the same permutation (3.66M entries for the recipe).
-    """
-    order = torch.randperm(num_queries, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
-    order.flags.writeable = False  # shared by every caller of the cache
-    return order
-
-
-def example_lengths(data: PreparedData, num_negatives: int) -> np.ndarray:
-    """Tokens of each query's example (query + positive + negatives), for token-budget packing."""
-    q_len = np.diff(data.query_offsets)
-    d_len = np.diff(data.doc_offsets)
-    return q_len + d_len[data.query_docs[:, : 1 + num_negatives]].sum(axis=1)
-
-
-def collate(data: PreparedData, queries: np.ndarray, num_negatives: int, device) -> tuple:
-    """Queries then their passages, packed: (input_ids (T,), cu_seqlens (S+1,), doc_ids (B*(1+k),))."""
-    docs = data.query_docs[queries, : 1 + num_negatives].reshape(-1)
-    seqs = [data.query(i) for i in queries] + [data.doc(j) for j in docs]
-    input_ids, cu = pack(seqs, device)
-    return input_ids, cu, torch.as_tensor(docs, device=device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,9 +411,17 @@ def check_run_folder(cfg: TrainConfig, node_local: bool, data: PreparedData) -> 
 
 
 def save_checkpoint(
-    engine, cfg: TrainConfig, step: int, num_steps: int, final_loss: float | None, data_meta: dict, node_local: bool
+    engine,
+    cfg: TrainConfig,
+    step: int,
+    num_steps: int,
+    final_loss: float | None,
+    data_meta: dict,
+    node_local: bool,
+    best: dict | None = None,
 ):
-    """DeepSpeed's shards + our state; `latest` moves only after every rank finished writing."""
+    """DeepSpeed's shards + our state; `latest` (and `best`, --keep-best's) move only after every rank
+    finished writing."""
     ckpt_dir = Path(cfg.output_dir) / CKPT_DIR
     tag = f"step_{step:08d}"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
@@ -464,11 +434,13 @@ def save_checkpoint(
     writer = checkpoint_writer(node_local)
     if writer:
         state = train_state(step, num_steps, final_loss, world_size(), dataclasses.asdict(cfg), data_meta)
-        write_atomic(tag_dir / "train_state.json", json.dumps(state, indent=2))
+        write_atomic(tag_dir / "train_state.json", json.dumps({**state, "best": best}, indent=2))
     barrier()
     if writer:
         write_atomic(ckpt_dir / LATEST, tag)
-        prune_checkpoints(ckpt_dir, tag, cfg.keep_checkpoints)
+        if best:
+            write_atomic(ckpt_dir / BEST, best["tag"])
+        prune_checkpoints(ckpt_dir, tag, cfg.keep_checkpoints, best["tag"] if best else None)
     barrier()
 
 
@@ -484,20 +456,19 @@ def train_state(step: int, num_steps: int, final_loss, world: int, config: dict,
         "data": data_summary(data_meta),  # what the data was: a resume on other data stops
         # What the export gives sentence-transformers: each subset's exact query and passage prompt
         # strings (query None: JSONL lines with prompts of their own) and the data's token limits.
-        "prompts": {
-            s["name"]: {"query": s["query_prompt"], "passage": s["passage_prompt"]} for s in data_meta["subsets"]
-        },
+        "prompts": subset_prompts(data_meta),
         "max_len": {"query": data_meta["query_max_len"], "passage": data_meta["passage_max_len"]},
         "command": " ".join(sys.argv),
     }
 
 
-def prune_checkpoints(ckpt_dir: Path, latest: str, keep: int):
-    """Keep the newest `keep` complete checkpoints up to `latest`; drop the rest (and crash leftovers)."""
+def prune_checkpoints(ckpt_dir: Path, latest: str, keep: int, best: str | None = None):
+    """Keep the newest `keep` complete checkpoints up to `latest`, and `best`; drop the rest (and crash
+    leftovers)."""
     tags = sorted(p.name for p in ckpt_dir.glob("step_*") if p.is_dir())
     complete = [t for t in tags if t <= latest and (ckpt_dir / t / "train_state.json").is_file()]
     for t in tags:
-        if t not in complete[-keep:]:
+        if t not in complete[-keep:] and t != best:
             shutil.rmtree(ckpt_dir / t, ignore_errors=True)
 
 
@@ -599,6 +570,21 @@ def load_checkpoint(engine, cfg: TrainConfig, tag: str) -> int:
     return int(client["step"])
 
 
+def keep_best_state(cfg: TrainConfig, state: dict | None, node_local: bool) -> dict | None:
+    """--keep-best's record ({metric, value, step, tag}) as the resumed checkpoint knew it; None when
+    starting, or when the run kept another metric (then the best is searched anew)."""
+    best = (state or {}).get("best")
+    if not cfg.keep_best or not best:
+        return None
+    if best["metric"] != cfg.keep_best:
+        log0(f"--keep-best {cfg.keep_best}: the checkpoint kept {best['metric']}; the best is searched anew")
+        return None
+    if checkpoint_writer(node_local):  # a crash after `latest` moved may have left `best` one save behind
+        write_atomic(Path(cfg.output_dir) / CKPT_DIR / BEST, best["tag"])
+    log0(f"best {best['metric']} so far: {best['value']:.4f} at step {best['step']} ({best['tag']})")
+    return best
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics
 
@@ -619,6 +605,25 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
             self.tb = SummaryWriter(str(Path(cfg.output_dir) / "tensorboard"))
+
+    def log_eval(self, row: dict, bar, keep_best: str | None):
+        """One evaluation: its row in metrics.jsonl (step and eval/<name>/<metric>), TensorBoard, a
+        console line per set, and the kept metric (or the first) on the progress bar."""
+        if rank() != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+        for name in dict.fromkeys(k.split("/")[1] for k in row if k.startswith("eval/")):
+            prefix = f"eval/{name}/"
+            shown = [(k[len(prefix) :], v) for k, v in row.items() if k.startswith(prefix)]
+            values = " ".join(f"{m} {v:.4f}" for m, v in shown if m != "seconds")
+            tqdm.write(f"eval step {row['step']} | {name} | {values} | {row[prefix + 'seconds']:.1f} s")
+        shown = keep_best or next(k for k in row if k.startswith("eval/") and not k.endswith("/seconds"))
+        bar.set_postfix_str(f"{shown.removeprefix('eval/')} {row[shown]:.4f}")
 
     def log(self, row: dict, num_steps: int):
         if rank() != 0:
@@ -730,6 +735,7 @@ def main(argv=None):
     T = schedule_length(len(data), cfg.global_batch_size, cfg.epochs)  # the LR schedule's length
     last_step = min(num_steps, cfg.max_steps or num_steps)  # where this run stops
     lengths = example_lengths(data, cfg.num_negatives)
+    check_eval_options(cfg, data.meta, model_config)
     if cfg.dry_run:
         if int(os.environ.get("RANK", "0")) == 0:
             print_plan(cfg, data, model_config, ds_config, W, lengths, T, split_step, epoch_order)
@@ -742,6 +748,14 @@ def main(argv=None):
     node_local = node_local_checkpoints(ds_config)
     check_run_folder(cfg, node_local, data)
     resume_from = find_resume_point(cfg, data)  # (tag, state) or None; every check before the model loads
+    beir_sets, group_sets = [], []
+    if cfg.eval_beir or cfg.eval_data:
+        tok = load_pretrained(AutoTokenizer.from_pretrained, cfg.model, "--model", "tokenizer")
+        beir_sets, group_sets = load_eval_sets(cfg, tok, data.meta, model_config)
+        for s in beir_sets:
+            log0(f"eval set {s.description}")
+        for g in group_sets:
+            log0(f"eval set {g.name}: {len(g.data)} queries x (1 + {cfg.num_negatives}) candidates, from {g.data.path}")
     torch.manual_seed(cfg.seed)
 
     model, optimizer = build_engine(cfg, ds_config)
@@ -771,9 +785,22 @@ def main(argv=None):
     if start_step:
         log0(f"resumed from step {start_step}")
     metrics = Metrics(cfg, start_step)
+    best = keep_best_state(cfg, resume_from[1] if resume_from else None, node_local)
 
     final_loss = None
     bar = tqdm(total=last_step, initial=start_step, desc="train", unit="step", disable=rank() != 0)
+
+    def run_eval(step: int) -> dict:
+        """Every evaluation set on the current weights; the row is logged (metrics.jsonl, console, bar)."""
+        t0 = time.perf_counter()
+        row = {"step": step, **evaluate(engine, beir_sets, group_sets, cfg, device)}
+        row["eval_seconds"] = time.perf_counter() - t0
+        metrics.log_eval(row, bar, cfg.keep_best)
+        return row
+
+    evaluating = bool(beir_sets or group_sets)
+    if evaluating and start_step == 0:
+        run_eval(0)  # the starting model (a resumed run logged it before its first checkpoint)
     for step in range(start_step + 1, last_step + 1):  # step is 1-based
         epoch, k = divmod(step - 1, steps_per_epoch)
         queries = epoch_order(len(data), cfg.seed, epoch)[k * cfg.global_batch_size : (k + 1) * cfg.global_batch_size]
@@ -805,8 +832,15 @@ def main(argv=None):
         }
         metrics.log(row, num_steps)
         bar.update(1)
-        if step % cfg.save_every == 0 or step == last_step:
-            save_checkpoint(engine, cfg, step, num_steps, final_loss, data.meta, node_local)
+        new_best = False
+        if evaluating and ((cfg.eval_every and step % cfg.eval_every == 0) or step == last_step):
+            value = run_eval(step).get(cfg.keep_best)
+            if cfg.keep_best and better(cfg.keep_best, value, best["value"] if best else None):
+                best = {"metric": cfg.keep_best, "value": value, "step": step, "tag": f"step_{step:08d}"}
+                new_best = True
+                log0(f"best {cfg.keep_best} so far: {value:.4f} at step {step} (kept as checkpoints/{BEST})")
+        if step % cfg.save_every == 0 or step == last_step or new_best:
+            save_checkpoint(engine, cfg, step, num_steps, final_loss, data.meta, node_local, best)
     bar.close()
     log0(f"done: {last_step} steps, final loss {final_loss}, checkpoints in {Path(cfg.output_dir) / CKPT_DIR}")
 

@@ -245,3 +245,20 @@ def test_export_device_has_one_default():
     cfg = export_hf.parse_args([])
     assert cfg.device == export_hf.ExportConfig().device == "auto"
     assert common.resolve_device("auto") in ("cpu", "cuda") and common.resolve_device("cpu") == "cpu"
+
+
+def test_no_script_imports_another_script():
+    """The five scripts share code through the modules below them, never through each other."""
+    import ast
+
+    scripts = {"prepare_data", "train_biencoder", "export_hf", "evaluate", "mine_negatives"}
+    modules = [p for p in REPO.glob("*.py")] + list((REPO / "model").glob("*.py"))
+    for path in modules:
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+        assert not imported & (scripts - {path.stem}), (path.name, imported & scripts)
+    assert len(modules) > 10

@@ -22,7 +22,7 @@ import torch
 import train_biencoder as tb
 from common import UserError
 from dataset import PreparedData
-from model import BiEncoder, contrastive_loss
+from model import BiEncoder, contrastive_loss, pack
 from tiny_models import REPO, TwoNodes, copy_minilm, deepspeed_launcher, free_port, save_tiny_llama, tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -458,6 +458,8 @@ def test_bad_inputs_fail_early_with_clear_errors(setup, tmp_path):
         (["--global-batch-size", "8", "--micro-batch-size", "3"], "divide"),
         (["--deepspeed", contradicting], "train_batch_size"),
         (["--temperature", "0"], "temperature"),
+        (["--eval-beir", REPO / "data" / "scifact"], "qrels/test.tsv"),  # not a BEIR folder
+        (["--eval-data", setup["data"], "--keep-best", "eval/prepared/ndcg@10"], "eval/prepared/loss"),
     ]
     for extra, words in cases:
         res = run_script(base + extra, world_size=2)
@@ -563,3 +565,85 @@ def test_tensorboard_event_files_hold_every_metric(setup):
     for k in names:
         logged = {e.step: e.value for e in events.Scalars(f"train/{k}")}
         assert logged == pytest.approx({r["step"]: float(r[k]) for r in rows}, rel=1e-6), k
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation during training (--eval-beir, --eval-data, --keep-best)
+
+
+def small_beir(dst: Path, num_queries: int = 20, others: int = 200) -> Path:
+    """SciFact test queries, the documents they judge and `others` more, in the BEIR layout."""
+    src = REPO / "data" / "scifact-beir"
+    queries = {r["_id"]: r for r in map(json.loads, open(src / "queries.jsonl"))}
+    lines = (src / "qrels" / "test.tsv").read_text().splitlines()[1:]
+    keep = list(dict.fromkeys(line.split("\t")[0] for line in lines))[:num_queries]
+    qrels = [line for line in lines if line.split("\t")[0] in keep]
+    judged = {line.split("\t")[1] for line in qrels}
+    corpus = [json.loads(line) for line in open(src / "corpus.jsonl")]
+    docs = [r for r in corpus if r["_id"] in judged] + [r for r in corpus if r["_id"] not in judged][:others]
+    (dst / "qrels").mkdir(parents=True)
+    (dst / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in docs))
+    (dst / "queries.jsonl").write_text("".join(json.dumps(queries[q]) + "\n" for q in keep))
+    (dst / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(x + "\n" for x in qrels))
+    return dst
+
+
+def group_reference(enc: BiEncoder, data: PreparedData, k: int, temperature: float) -> dict:
+    """The recipe's validation of one model, computed directly: the queries in one packed forward,
+    their candidates in another."""
+    q = enc(*pack([data.query(i) for i in range(len(data))]))
+    p = enc(*pack([data.doc(j) for j in data.query_docs[:, : 1 + k].reshape(-1)]))
+    logits = torch.einsum("bd,bnd->bn", q, p.view(len(data), 1 + k, -1)) / temperature
+    ranks = 1 + (logits[:, 1:] > logits[:, :1]).sum(1)
+    return {
+        "loss": contrastive_loss(q, p, temperature).item(),
+        "acc@1": (logits.argmax(1) == 0).double().mean().item(),
+        "mrr": (1.0 / ranks).double().mean().item(),
+    }
+
+
+def test_evaluation_during_training_is_exact_changes_nothing_and_keeps_the_best(setup, clean_run, tmp_path):
+    import evaluate
+    import export_hf
+    from common import run_cli
+
+    beir = small_beir(setup["root"] / "beir_small")
+    kept = "eval/beir_small/recall@100"
+    extra = [*STEPS6, "--eval-beir", beir, "--eval-data", setup["data"], "--eval-every", "2"]
+    extra += ["--keep-best", kept, "--keep-checkpoints", "1"]
+    # killed while writing step 4's checkpoint, then resumed by the same command
+    res, out = launch(setup, "with_eval", extra=extra, fault="kill_before_latest:4", check=False)
+    assert res.returncode != 0 and (out / "checkpoints" / "latest").read_text() == "step_00000002"
+    res, out = launch(setup, "with_eval", extra=extra)
+    assert "eval step 6 | beir_small | ndcg@10 " in res.stdout + res.stderr
+
+    rows = metrics(out)
+    train_rows = [r for r in rows if "loss" in r]
+    evals = {r["step"]: r for r in rows if "eval_seconds" in r}
+    # 1) evaluating changes nothing in the training: the losses of the run without evaluation, bit for bit
+    assert [r["loss"] for r in train_rows] == [r["loss"] for r in metrics(clean_run)]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6] and list(evals) == [0, 2, 4, 6]
+
+    # 2) --keep-best: the first best after step 0, never pruned, recorded across the kill and resume
+    values = {s: r[kept] for s, r in evals.items() if s > 0}
+    best = max(values, key=lambda s: (values[s], -s))
+    assert best != 6, f"{values}: the best is the last step, so this run does not test the pruning"
+    ckpt = out / "checkpoints"
+    assert (ckpt / "best").read_text() == f"step_{best:08d}"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == [f"step_{best:08d}", "step_00000006"]
+    state = json.loads((ckpt / "step_00000006" / "train_state.json").read_text())
+    assert state["best"] == {"metric": kept, "value": values[best], "step": best, "tag": f"step_{best:08d}"}
+
+    # 3) the logged metrics are evaluate.py's on the export of that checkpoint (fp32 on the CPU)
+    for tag, step in (("best", best), ("step_00000006", 6)):
+        exported = tmp_path / tag
+        args = ["--run", str(out), "--tag", tag, "--dtype", "float32", "--output-dir", str(exported), "--no-verify"]
+        assert run_cli(export_hf.main, args) == 0
+        result = evaluate.main(["--model", str(exported), "--beir", str(beir), "--device", "cpu"])
+        for name, value in result["metrics"].items():
+            assert evals[step][f"eval/beir_small/{name.lower()}"] == pytest.approx(value, abs=1e-6), (step, name)
+        enc = BiEncoder.from_pretrained(exported, tokenizer=False).eval()
+        with torch.no_grad():
+            want = group_reference(enc, PreparedData(setup["data"]), 4, 0.02)
+        for name, value in want.items():
+            assert evals[step][f"eval/prepared/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, name)

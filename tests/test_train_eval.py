@@ -1,0 +1,120 @@
+"""train_eval.py's pieces that need no DeepSpeed launch: the merge of rank-local top-k lists, the
+fixed sample, the settings the export gets, the checks before training, and --keep-best's pruning.
+The evaluation inside a 2-rank ZeRO-3 run is tested in test_train.py."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_biencoder as tb
+import train_eval as te
+from common import UserError
+from retrieval import search
+from sources import load_beir
+from tiny_models import REPO
+
+SCIFACT_BEIR = REPO / "data" / "scifact-beir"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_merged_rank_local_top_k_equals_one_search_with_ties(world):
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(9, 8, generator=g), dim=1).numpy()
+    d = torch.nn.functional.normalize(torch.randn(60, 8, generator=g), dim=1).numpy()
+    d[[5, 17, 40, 41]] = d[3]  # exact ties: one search orders them by corpus row
+    k = 12
+    want_v, want_i, _, _ = search([q], [d], k, doc_block=7)
+    owner = np.random.default_rng(world).integers(0, world, len(d))  # any split of the corpus over ranks
+    parts = [te.local_top_k(q, d[owner == r], np.flatnonzero(owner == r), k, "cpu") for r in range(world)]
+    v, i = te.merge_top_k(parts, k)
+    assert np.array_equal(i, want_i)
+    np.testing.assert_allclose(v, want_v, rtol=1e-6)  # other block shapes: the last bit may differ
+    tied = [3, 5, 17, 40, 41]  # the tie is in some query's top k, in corpus order
+    assert any(tied == row[row.index(3) : row.index(3) + 5] for row in i.tolist() if 3 in row)
+
+
+def test_a_rank_without_documents_and_a_corpus_smaller_than_k():
+    q, d = np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32)[:2]
+    parts = [
+        te.local_top_k(q, d, np.array([0, 1]), 5, "cpu"),
+        te.local_top_k(q, d[:0], np.zeros(0, np.int64), 5, "cpu"),
+    ]
+    v, i = te.merge_top_k(parts, 5)
+    assert i[0].tolist() == [0, 1, -1, -1, -1] and np.isneginf(v[:, 2:]).all()
+
+
+def test_sample_is_fixed_and_keeps_every_judged_document():
+    full = load_beir(SCIFACT_BEIR)
+    a, note = te.sample(full, 50, 400)
+    b, _ = te.sample(full, 50, 400)
+    assert a == b and "50 of 300 queries" in note and "400 of 5183 documents" in note
+    assert len(a["query_ids"]) == 50 and len(a["doc_ids"]) == 400
+    judged = {d for q in a["query_ids"] for d in full["qrels"][q]}
+    assert judged <= set(a["doc_ids"])
+    positions = [full["doc_ids"].index(d) for d in a["doc_ids"]]
+    assert positions == sorted(positions)  # corpus order kept: ties break as in the full corpus
+    assert te.sample(full, None, None) == (full, "full set")
+
+
+def test_export_settings_are_what_evaluate_reads_from_the_export():
+    meta = {
+        "query_max_len": 64,
+        "passage_max_len": 128,
+        "subsets": [{"name": "SciFact", "query_prompt": "Instruct: x\nQuery: ", "passage_prompt": ""}],
+    }
+    llama = type("C", (), {"model_type": "llama", "max_position_embeddings": 100})()
+    bert = type("C", (), {"model_type": "bert", "max_position_embeddings": 100})()
+    assert te.export_settings(meta, llama, {}) == ("Instruct: x\nQuery: ", "", 128)
+    assert te.export_settings(meta, bert, {}) == ("Instruct: x\nQuery: ", "", 100)  # absolute positions end
+    assert te.export_settings(meta, llama, {"prompt_name": "SciFact", "max_length": 32})[2] == 32
+    assert te.export_settings(meta, llama, {"query": "q: ", "document": "d: "})[:2] == ("q: ", "d: ")
+    two = {**meta, "subsets": [*meta["subsets"], {"name": "B", "query_prompt": "other", "passage_prompt": ""}]}
+    assert te.export_settings(two, llama, {})[0] == ""  # the subsets differ: the export has no default
+    with pytest.raises(UserError, match="prompt_name"):
+        te.export_settings(meta, llama, {"prompt_name": "nope"})
+
+
+def test_bad_evaluation_options_stop_before_training(tmp_path):
+    no_qrels = tmp_path / "no_qrels"
+    no_qrels.mkdir()
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        (no_qrels / name).write_text((SCIFACT_BEIR / name).read_text())
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"elsewhere": {"query": "q: "}}))
+    cases = [
+        (["--eval-beir", no_qrels], "qrels/test.tsv"),
+        (["--eval-beir", SCIFACT_BEIR, "--keep-best", "eval/scifact/ndcg@10"], "eval/scifact-beir/ndcg@10"),
+        (["--keep-best", "eval/x/loss"], "--keep-best eval/x/loss"),
+        (["--eval-every", "5"], "need --eval-beir or --eval-data"),
+        (["--eval-data", tmp_path], "meta.json missing"),
+        (["--eval-beir", SCIFACT_BEIR, SCIFACT_BEIR], "two folders named"),
+        (["--eval-beir", SCIFACT_BEIR, "--eval-prompts", prompts], "no --eval-beir folder named ['elsewhere']"),
+        (["--eval-every", "0"], "--eval-every must be >= 1"),
+    ]
+    for extra, words in cases:
+        with pytest.raises(UserError) as e:
+            te.check_eval_options(tb.parse_config([str(a) for a in extra]))
+        assert words in str(e.value), (extra, str(e.value))
+    te.check_eval_options(
+        tb.parse_config(["--eval-beir", str(SCIFACT_BEIR), "--keep-best", "eval/scifact-beir/mrr@10"])
+    )
+
+
+def test_keep_best_compares_in_the_metric_direction():
+    assert te.better("eval/a/ndcg@10", 0.5, None) and te.better("eval/a/ndcg@10", 0.6, 0.5)
+    assert not te.better("eval/a/ndcg@10", 0.5, 0.5)  # a tie keeps the earlier checkpoint
+    assert te.better("eval/a/loss", 0.4, 0.5) and not te.better("eval/a/loss", 0.6, 0.5)
+
+
+def test_pruning_never_removes_the_best_checkpoint(tmp_path):
+    for step in range(1, 7):
+        tag = tmp_path / f"step_{step:08d}"
+        tag.mkdir()
+        (tag / "train_state.json").write_text("{}")
+    tb.prune_checkpoints(tmp_path, "step_00000006", keep=1, best="step_00000002")
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["step_00000002", "step_00000006"]
+    tb.prune_checkpoints(tmp_path, "step_00000006", keep=1)
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["step_00000006"]
