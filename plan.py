@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from batches import epoch_order, split_step
 from common import UserError
 from model.loading import empty_encoder, encoder_key_report, stored_tensor_names
 
@@ -60,11 +61,9 @@ def activation_bytes_per_token(config) -> float:
     return 2 * config.num_hidden_layers * d + 2 * (17 * d + 4 * kv + 6 * i) + 12 * d
 
 
-def step_plans(cfg, data, W: int, lengths: np.ndarray, steps: int, split_step, epoch_order) -> list[dict]:
-    """Per optimizer step of the first epoch: tokens, micro-batches per GPU, largest micro-batch.
-
-    `split_step` and `epoch_order` are train_biencoder's own (passed in: this module does not import
-    the training script), so the plan splits the steps exactly as the run will."""
+def step_plans(cfg, data, W: int, lengths: np.ndarray, steps: int) -> list[dict]:
+    """Per optimizer step of the first epoch: tokens, micro-batches per GPU, largest micro-batch, from
+    the training's own order and split (batches.py), so the plan splits the steps as the run will."""
     order = epoch_order(len(data), cfg.seed, 0)
     out = []
     for k in tqdm(range(steps), desc="plan", unit="step", disable=steps < 2000):
@@ -499,9 +498,9 @@ def memory_lines(p: dict, max_mb_tokens: int, gpu: tuple | None, host: tuple) ->
     return lines
 
 
-def print_plan(cfg, data, model_config, ds_config: dict, W: int, lengths, T: int, split_step, epoch_order):
+def print_plan(cfg, data, model_config, ds_config: dict, W: int, lengths, T: int):
     """--dry-run: what the run will do and whether it fits, per GPU and per node, without a GPU or
-    the weights. `split_step` and `epoch_order`: train_biencoder's (see `step_plans`)."""
+    the weights."""
     stored = stored_tensor_names(cfg.model)
     encoder = empty_encoder(model_config)
     if stored is None:
@@ -518,7 +517,7 @@ def print_plan(cfg, data, model_config, ds_config: dict, W: int, lengths, T: int
         )
     total, layer = model_sizes(model_config)
     steps_per_epoch = math.ceil(len(data) / cfg.global_batch_size)
-    plans = step_plans(cfg, data, W, lengths, steps_per_epoch, split_step, epoch_order)
+    plans = step_plans(cfg, data, W, lengths, steps_per_epoch)
     tokens = np.array([p["tokens"] for p in plans])
     mbs = np.array([p["micro_batches"] for p in plans])
     max_mb = max(p["max_mb_tokens"] for p in plans)

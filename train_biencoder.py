@@ -738,7 +738,7 @@ def main(argv=None):
     check_eval_options(cfg, data.meta, model_config)
     if cfg.dry_run:
         if int(os.environ.get("RANK", "0")) == 0:
-            print_plan(cfg, data, model_config, ds_config, W, lengths, T, split_step, epoch_order)
+            print_plan(cfg, data, model_config, ds_config, W, lengths, T)
         return
     if torch.cuda.is_available():
         setup_cuda()

@@ -31,10 +31,10 @@ sys.path.insert(0, str(REPO))
 from bench_setup import SHAPES, llama_config, prepare_scifact, total_params  # noqa: E402
 from transformers import LlamaModel  # noqa: E402
 
+from batches import epoch_order  # noqa: E402
 from common import run_cli, write_atomic  # noqa: E402
 from dataset import PreparedData  # noqa: E402
 from model import BiEncoder, contrastive_loss, pack  # noqa: E402
-from train_biencoder import epoch_order  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 # min cosine between the packed and the padded embeddings / gradients that passes, per dtype

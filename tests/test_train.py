@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import train_biencoder as tb
-from common import UserError
+from common import USER_ERROR_STATUS, UserError, run_cli
 from dataset import PreparedData
 from model import BiEncoder, contrastive_loss, pack
 from tiny_models import REPO, TwoNodes, copy_minilm, deepspeed_launcher, free_port, save_tiny_llama, tiny_llama
@@ -96,8 +96,10 @@ def launch(setup, out: str, ranks: int = 2, extra=(), env=None, check=True, time
     return res, out_dir
 
 
-def metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+def metrics(out_dir: Path, evaluations: bool = False) -> list[dict]:
+    """metrics.jsonl's training rows (those with a loss), or with evaluations=True every row."""
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return rows if evaluations else [r for r in rows if "loss" in r]
 
 
 def final_weights(out_dir: Path) -> dict:
@@ -106,21 +108,23 @@ def final_weights(out_dir: Path) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(out_dir / "checkpoints"))
 
 
-def reference_run(setup, steps: int, lr: float = 1e-3, G: int = 8, warmup: int = 1) -> dict:
+def reference_run(setup, steps: int, epochs: int, lr: float = 1e-3, G: int = 8, warmup: int = 2) -> dict:
     """Single process, plain PyTorch: padded forwards, AdamW, the recipe's order and LR.
     Returns the per-step losses, LRs and gradient norms before clipping."""
     data = PreparedData(setup["data"])
     model = BiEncoder.from_pretrained(setup["model"], tokenizer=False).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    T = len(data) // G  # the recipe's total_steps: full steps of one epoch
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(125)).numpy()
+    per_epoch = len(data) // G
+    T = per_epoch * epochs  # the recipe's total_steps: full steps of every epoch
     losses, lrs, norms = [], [], []
     for s in range(1, steps + 1):
         n = s - 1  # recipe: step s uses f(s - 1); linear warmup, then linear decay to 0 at n = T
         step_lr = lr * n / warmup if n <= warmup else lr * (1 - (n - warmup) / (T - warmup))
         for group in opt.param_groups:
             group["lr"] = step_lr
-        queries = order[(s - 1) * G : s * G]
+        epoch, k = divmod(s - 1, per_epoch)  # epoch e's order: randperm(N, seed + e)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(125 + epoch)).numpy()
+        queries = order[k * G : (k + 1) * G]
         docs = data.query_docs[queries, :5].reshape(-1)
         seqs = [data.query(i) for i in queries] + [data.doc(j) for j in docs]
         L = max(len(x) for x in seqs)
@@ -140,47 +144,44 @@ def reference_run(setup, steps: int, lr: float = 1e-3, G: int = 8, warmup: int =
     return {"loss": losses, "lr": lrs, "grad_norm": norms}
 
 
+STEPS6 = ["--epochs", "2", "--max-steps", "6", "--micro-batch-size", "2"]  # 24 queries: 3 steps an epoch
+
+
 @pytest.fixture(scope="module")
 def reference(setup):
-    return reference_run(setup, 3)
+    return reference_run(setup, 6, epochs=2)
 
 
-REF_ARGS = ["--max-steps", "3", "--warmup-steps", "1"]
+@pytest.fixture(scope="module")
+def clean_run(setup) -> Path:
+    """An uninterrupted 2-rank run in one folder (2 ranks x 2 micro-batches of 2 queries): what the
+    reference, every interrupted or two-node run and the run with evaluation must equal."""
+    return launch(setup, "clean", extra=STEPS6)[1]
 
 
-def test_losses_lr_and_grad_norm_match_single_process_reference(setup, reference):
+def test_losses_lr_and_grad_norm_match_single_process_reference(clean_run, reference):
     # 2 ranks x 2 micro-batches of 2 queries: the gradient's absolute scale shows in the norm
     # before clipping (Adam and clipping at 1.0 would hide a constant factor in the losses).
-    _, out = launch(setup, "ref2", extra=["--micro-batch-size", "2", *REF_ARGS])
-    rows = metrics(out)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    # 24 queries, G = 8: T = 3 full steps, so the last step runs at f(2) = lr * (1 - 1/2) > 0
-    assert [r["lr"] for r in rows] == pytest.approx([0.0, 1e-3, 5e-4], rel=1e-12)
+    rows = metrics(clean_run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and [r["epoch"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    # 24 queries, G = 8, 2 epochs: T = 6 full steps; 2 warm-up steps, then linear decay to 0 at f(6)
+    assert [r["lr"] for r in rows] == pytest.approx([0.0, 5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4], rel=1e-12)
     assert [r["lr"] for r in rows] == pytest.approx(reference["lr"], rel=1e-12)
     assert [r["loss"] for r in rows] == pytest.approx(reference["loss"], rel=1e-5)
     assert [r["grad_norm"] for r in rows] == pytest.approx(reference["grad_norm"], rel=1e-4)
     assert all(r["num_queries"] == 8 and r["tokens"] > 0 for r in rows)
     assert min(reference["grad_norm"]) > 1.0  # clipping was active: the pre-clip norm is what is compared
-    assert reference["loss"][2] != reference["loss"][1]  # the weights moved, so step 3 checks the update too
+    assert reference["loss"][2] != reference["loss"][1]  # the weights moved, so later steps check the update too
 
 
 def test_split_does_not_change_the_math(setup, reference):
     # 1 rank x micro-batch 4 x 2 accumulation; 2 ranks with token-budget packing (each query's
     # example is > 300 tokens, so 600 tokens hold 1-2 queries: several micro-batches per rank).
-    _, one_rank = launch(setup, "one_rank", ranks=1, extra=["--micro-batch-size", "4", *REF_ARGS])
-    _, packed = launch(setup, "packed", extra=["--max-tokens-per-gpu", "600", *REF_ARGS])
+    _, one_rank = launch(setup, "one_rank", ranks=1, extra=[*STEPS6[:4], "--micro-batch-size", "4"])
+    _, packed = launch(setup, "packed", extra=[*STEPS6[:4], "--max-tokens-per-gpu", "600"])
     for other in (metrics(one_rank), metrics(packed)):
         assert [r["loss"] for r in other] == pytest.approx(reference["loss"], rel=1e-5)
         assert [r["grad_norm"] for r in other] == pytest.approx(reference["grad_norm"], rel=1e-4)
-
-
-STEPS6 = ["--epochs", "2", "--max-steps", "6", "--micro-batch-size", "2"]  # 24 queries: 3 steps an epoch
-
-
-@pytest.fixture(scope="module")
-def clean_run(setup) -> Path:
-    """An uninterrupted 2-rank run in one folder: what every interrupted or two-node run must equal."""
-    return launch(setup, "clean", extra=STEPS6)[1]
 
 
 def wait_for_steps(out: Path, steps: int, procs, timeout: float = 300) -> None:
@@ -192,13 +193,11 @@ def wait_for_steps(out: Path, steps: int, procs, timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
-def test_kill_and_resume_give_bitwise_equal_weights(setup, clean_run):
+def test_kill_and_resume_give_bitwise_equal_weights(setup, clean_run, eval_run):
     steps, clean = STEPS6, clean_run
-    # 1) the whole job dies while writing the checkpoint of step 4: `latest` must still say step 2
-    res, crashed = launch(setup, "crash_in_save", extra=steps, fault="kill_before_latest:4", check=False)
-    assert res.returncode != 0
-    assert (crashed / "checkpoints" / "latest").read_text().strip() == "step_00000002"
-    launch(setup, "crash_in_save", extra=steps)  # the same command resumes and finishes
+    # 1) the whole job died while writing the checkpoint of step 4 and was resumed (eval_run, which
+    # also evaluates: the final weights must still be the uninterrupted run's without evaluation)
+    crashed = eval_run["out"]
     # 2) kill -9 of the launcher's whole process group in the middle of training
     killed = setup["root"] / "killed"
     proc = subprocess.Popen(
@@ -439,7 +438,7 @@ def run_script(args, world_size=1):
     )
 
 
-def test_bad_inputs_fail_early_with_clear_errors(setup, tmp_path):
+def test_bad_inputs_fail_early_with_clear_errors(setup, tmp_path, monkeypatch, capsys):
     base = ["--model", setup["model"], "--data", setup["data"], "--deepspeed", setup["ds"]]
     base += ["--output-dir", tmp_path / "out"]
     no_weights = tmp_path / "no_weights"
@@ -461,11 +460,16 @@ def test_bad_inputs_fail_early_with_clear_errors(setup, tmp_path):
         (["--eval-beir", REPO / "data" / "scifact"], "qrels/test.tsv"),  # not a BEIR folder
         (["--eval-data", setup["data"], "--keep-best", "eval/prepared/ndcg@10"], "eval/prepared/loss"),
     ]
+    # In-process, as the launcher would start rank 0 of 2; every check runs before DeepSpeed starts.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(tb.deepspeed, "init_distributed", lambda: pytest.fail("the checks let a bad input through"))
     for extra, words in cases:
-        res = run_script(base + extra, world_size=2)
-        assert res.returncode == 2, (extra, res.stderr[-2000:])
-        assert words in res.stderr and "Traceback" not in res.stderr, (extra, res.stderr[-2000:])
+        assert run_cli(tb.main, [str(a) for a in base + extra]) == USER_ERROR_STATUS, extra
+        err = capsys.readouterr().err
+        assert err.startswith("train_biencoder.py: error: ") and words in err, (extra, err[-2000:])
     assert not (tmp_path / "out").exists()
+    res = run_script(base + cases[0][0], world_size=2)  # and as a process: exit status 2, no traceback
+    assert res.returncode == 2 and cases[0][1] in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
 
 
 def test_split_step_keeps_every_query_once_and_ranks_aligned():
@@ -551,22 +555,6 @@ def test_nan_loss_stops_before_the_step_is_applied(setup):
     assert not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text() == ""
 
 
-def test_tensorboard_event_files_hold_every_metric(setup):
-    """--tensorboard: train/<name> holds every numeric field of metrics.jsonl at every step, same values."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    _, out = launch(setup, "tensorboard", extra=["--max-steps", "2", "--tensorboard"])
-    rows = metrics(out)
-    assert [r["step"] for r in rows] == [1, 2]
-    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    names = [k for k, v in rows[0].items() if k != "step" and isinstance(v, (int, float))]
-    assert {f"train/{k}" for k in names} <= set(events.Tags()["scalars"])
-    for k in names:
-        logged = {e.step: e.value for e in events.Scalars(f"train/{k}")}
-        assert logged == pytest.approx({r["step"]: float(r[k]) for r in rows}, rel=1e-6), k
-
-
 # ----------------------------------------------------------------------------------------------
 # Evaluation during training (--eval-beir, --eval-data, --keep-best)
 
@@ -602,22 +590,29 @@ def group_reference(enc: BiEncoder, data: PreparedData, k: int, temperature: flo
     }
 
 
-def test_evaluation_during_training_is_exact_changes_nothing_and_keeps_the_best(setup, clean_run, tmp_path):
-    import evaluate
-    import export_hf
-    from common import run_cli
+EVAL_KEPT = "eval/beir_small/recall@100"
 
+
+@pytest.fixture(scope="module")
+def eval_run(setup) -> dict:
+    """The clean run's settings plus evaluation (--eval-beir, --eval-data every 2 steps, --keep-best,
+    --tensorboard), killed while writing step 4's checkpoint, then resumed by the same command."""
     beir = small_beir(setup["root"] / "beir_small")
-    kept = "eval/beir_small/recall@100"
-    extra = [*STEPS6, "--eval-beir", beir, "--eval-data", setup["data"], "--eval-every", "2"]
-    extra += ["--keep-best", kept, "--keep-checkpoints", "1"]
-    # killed while writing step 4's checkpoint, then resumed by the same command
+    extra = [*STEPS6, "--eval-beir", beir, "--eval-data", setup["data"], "--eval-every", "2", "--tensorboard"]
+    extra += ["--keep-best", EVAL_KEPT, "--keep-checkpoints", "1"]
     res, out = launch(setup, "with_eval", extra=extra, fault="kill_before_latest:4", check=False)
     assert res.returncode != 0 and (out / "checkpoints" / "latest").read_text() == "step_00000002"
     res, out = launch(setup, "with_eval", extra=extra)
-    assert "eval step 6 | beir_small | ndcg@10 " in res.stdout + res.stderr
+    return {"out": out, "beir": beir, "log": res.stdout + res.stderr}
 
-    rows = metrics(out)
+
+def test_evaluation_during_training_is_exact_changes_nothing_and_keeps_the_best(setup, clean_run, eval_run, tmp_path):
+    import evaluate
+    import export_hf
+
+    out, beir = eval_run["out"], eval_run["beir"]
+    assert "eval step 6 | beir_small | ndcg@10 " in eval_run["log"]
+    rows = metrics(out, evaluations=True)
     train_rows = [r for r in rows if "loss" in r]
     evals = {r["step"]: r for r in rows if "eval_seconds" in r}
     # 1) evaluating changes nothing in the training: the losses of the run without evaluation, bit for bit
@@ -625,14 +620,14 @@ def test_evaluation_during_training_is_exact_changes_nothing_and_keeps_the_best(
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6] and list(evals) == [0, 2, 4, 6]
 
     # 2) --keep-best: the first best after step 0, never pruned, recorded across the kill and resume
-    values = {s: r[kept] for s, r in evals.items() if s > 0}
+    values = {s: r[EVAL_KEPT] for s, r in evals.items() if s > 0}
     best = max(values, key=lambda s: (values[s], -s))
     assert best != 6, f"{values}: the best is the last step, so this run does not test the pruning"
     ckpt = out / "checkpoints"
     assert (ckpt / "best").read_text() == f"step_{best:08d}"
     assert sorted(p.name for p in ckpt.glob("step_*")) == [f"step_{best:08d}", "step_00000006"]
     state = json.loads((ckpt / "step_00000006" / "train_state.json").read_text())
-    assert state["best"] == {"metric": kept, "value": values[best], "step": best, "tag": f"step_{best:08d}"}
+    assert state["best"] == {"metric": EVAL_KEPT, "value": values[best], "step": best, "tag": f"step_{best:08d}"}
 
     # 3) the logged metrics are evaluate.py's on the export of that checkpoint (fp32 on the CPU)
     for tag, step in (("best", best), ("step_00000006", 6)):
@@ -647,3 +642,23 @@ def test_evaluation_during_training_is_exact_changes_nothing_and_keeps_the_best(
             want = group_reference(enc, PreparedData(setup["data"]), 4, 0.02)
         for name, value in want.items():
             assert evals[step][f"eval/prepared/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, name)
+
+
+def test_tensorboard_event_files_hold_every_metric(eval_run):
+    """--tensorboard: train/<name> holds every numeric field of metrics.jsonl's training rows at every
+    step, eval/<set>/<metric> every evaluation's values (the run was killed and resumed: the steps run
+    twice hold the same values)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = eval_run["out"]
+    rows = metrics(out, evaluations=True)
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    for prefix, kind in (("train/", "loss"), ("", "eval_seconds")):
+        logged_rows = [r for r in rows if kind in r]
+        names = [k for k, v in logged_rows[0].items() if k != "step" and isinstance(v, (int, float))]
+        assert {prefix + k for k in names} <= set(events.Tags()["scalars"])
+        for k in names:
+            logged = {e.step: e.value for e in events.Scalars(prefix + k)}
+            assert logged == pytest.approx({r["step"]: float(r[k]) for r in logged_rows}, rel=1e-6), k
+    assert "eval/beir_small/ndcg@10" in events.Tags()["scalars"]
