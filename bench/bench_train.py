@@ -8,7 +8,7 @@ Out: a table on the console and --output-json (JSON): per variant, real (non-pad
      1,000 tokens of "ours" and the largest micro-batch that fits the 8B recipe on 8 x 80 GB.
 
 Every variant runs --warmup-steps + --steps optimizer steps of the same queries (the recipe order,
-train_biencoder.epoch_order; full steps of --global-batch-size queries), one after another in this
+batches.epoch_order; full steps of --global-batch-size queries), one after another in this
 process on the same GPUs, each with DeepSpeed ZeRO-3 + bf16 + gradient checkpointing, the engine torn
 down in between. The warm-up steps are not timed.
   ours       train_biencoder.train_step as shipped (build_ds_config, build_engine, split_step inside):
