@@ -611,12 +611,7 @@ class Metrics:
         console line per set, and the kept metric (or the first) on the progress bar."""
         if rank() != 0:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb:
-            for k, v in row.items():
-                if k != "step":
-                    self.tb.add_scalar(k, v, row["step"])
+        self.write(row, tb_prefix="")  # already eval/<name>/<metric>
         for name in dict.fromkeys(k.split("/")[1] for k in row if k.startswith("eval/")):
             prefix = f"eval/{name}/"
             shown = [(k[len(prefix) :], v) for k, v in row.items() if k.startswith(prefix)]
@@ -625,15 +620,19 @@ class Metrics:
         shown = keep_best or next(k for k in row if k.startswith("eval/") and not k.endswith("/seconds"))
         bar.set_postfix_str(f"{shown.removeprefix('eval/')} {row[shown]:.4f}")
 
-    def log(self, row: dict, num_steps: int):
-        if rank() != 0:
-            return
+    def write(self, row: dict, tb_prefix: str) -> None:
+        """The row as a line of metrics.jsonl, and each of its values as a TensorBoard scalar."""
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb:
             for k, v in row.items():
                 if k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+                    self.tb.add_scalar(tb_prefix + k, v, row["step"])
+
+    def log(self, row: dict, num_steps: int):
+        if rank() != 0:
+            return
+        self.write(row, tb_prefix="train/")
         tqdm.write(
             f"step {row['step']}/{num_steps} | loss {row['loss']:.4f} | lr {row['lr']:.3e} | "
             f"grad_norm {row['grad_norm']:.3f} | tok/s {row['tokens_per_s']:.0f} | mem {row['peak_mem_gb']:.2f} GB"
