@@ -57,10 +57,12 @@ import torch
 from tqdm.auto import tqdm
 
 from common import UserError, load_pretrained, resolve_device, run_cli, write_atomic
+from hf_files import prompt_pair
 from model import BiEncoder
+from model.biencoder import CPU_PACK_TOKENS
 from model.loading import DEFAULT_MAX_LENGTH, model_files, stored_max_length, stored_prompts
 from retrieval import METRICS, TOP_K, build_run, retrieval_metrics, search
-from sources import beir_files, load_beir
+from sources import beir_files, load_beir, sample_beir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,13 +89,9 @@ def resolve_settings(
     folder = None if model_dir is None else load_pretrained(model_files, str(model_dir), "--model")
     prompts = stored_prompts(folder) if folder else {}
     default_length = (stored_max_length(folder) if folder else None) or DEFAULT_MAX_LENGTH
-    prefix = "" if prompt_name is None else f"{prompt_name}-"
-    query_key, doc_key = f"{prefix}query", f"{prefix}document"
-    if prompt_name is not None and query_key not in prompts and doc_key not in prompts:
-        names = sorted({k.rsplit("-", 1)[0] for k in prompts if k.endswith(("-query", "-document"))})
-        raise UserError(f"--prompt-name {prompt_name}: {model_dir} stores no such prompts; it has {names or 'none'}")
-    query_prompt = prompts.get(query_key, "") if query_prompt is None else query_prompt
-    doc_prompt = prompts.get(doc_key, "") if doc_prompt is None else doc_prompt
+    stored_query, stored_doc = prompt_pair(prompts, prompt_name, f"{model_dir}: --prompt-name")
+    query_prompt = (stored_query or "") if query_prompt is None else query_prompt
+    doc_prompt = (stored_doc or "") if doc_prompt is None else doc_prompt
     max_length = int(default_length) if max_length is None else max_length
     if replicas[0].max_positions:  # absolute position embeddings (BERT) end here
         max_length = min(max_length, replicas[0].max_positions)
@@ -123,11 +121,14 @@ def embed(
     max_length: int,
     desc: str = "embedding",
     show_progress: bool = True,
+    max_tokens: int | None = None,
 ) -> torch.Tensor:
     """Embed texts on all replicas at once -> (n, D) float32 on the CPU, in the input order.
 
     Texts are cut into blocks of 16 batches, longest first so that a block holds similar
-    lengths; each replica (one thread per GPU) takes the next block until none are left.
+    lengths; each replica (one thread per GPU) takes the next block until none are left. A forward
+    packs batch_size texts, or with max_tokens as many as fit in that many tokens (at most batch_size);
+    on the CPU max_tokens defaults to CPU_PACK_TOKENS (faster there, the same embeddings).
     """
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     block = 16 * batch_size
@@ -140,6 +141,7 @@ def embed(
         device = next(enc.parameters()).device
         if device.type == "cuda":
             torch.cuda.set_device(device)  # per thread: kernels launch on this replica's GPU
+        budget = CPU_PACK_TOKENS if max_tokens is None and device.type == "cpu" else max_tokens
         while True:
             with lock:
                 idx = next(blocks, None)
@@ -147,7 +149,12 @@ def embed(
                 return
             batch = [texts[i] for i in idx]
             out[idx] = enc.encode(
-                batch, prompt=prompt, batch_size=batch_size, max_length=max_length, show_progress=False
+                batch,
+                prompt=prompt,
+                batch_size=batch_size,
+                max_length=max_length,
+                show_progress=False,
+                max_tokens=budget,
             )
             with lock:
                 bar.update(len(idx))
@@ -181,11 +188,16 @@ def evaluate_beir(
     device: str = "auto",
     dtype: str = "auto",
     show_progress: bool = True,
+    max_tokens: int | None = None,
+    max_queries: int | None = None,
+    max_docs: int | None = None,
 ) -> dict:
     """Embed a BEIR folder with a model and score exact cosine search -> a JSON-ready dict.
 
     model: a model folder (prompts and max length default to what it stores; see
     `resolve_settings`), or loaded replicas (defaults: no prompts, 512 tokens).
+    max_queries / max_docs: score a fixed sample instead (sources.sample_beir: every document the
+    sampled queries judge, then random others), the one train_biencoder.py --eval-max-* takes.
     Returns {"metrics": {"NDCG@10": ..., ...}, "num_queries", "num_docs", counts of what was
     skipped, the settings used, "seconds"}.
     """
@@ -198,10 +210,10 @@ def evaluate_beir(
     else:
         replicas = model if isinstance(model, list) else [model]
     query_prompt, doc_prompt, max_length = resolve_settings(model_dir, replicas, query_prompt, doc_prompt, max_length)
-    data = load_beir(beir_dir, split)
+    data, sample = sample_beir(load_beir(beir_dir, split), max_queries, max_docs)
     t1 = time.perf_counter()
 
-    kw = dict(batch_size=batch_size, max_length=max_length, show_progress=show_progress)
+    kw = dict(batch_size=batch_size, max_length=max_length, show_progress=show_progress, max_tokens=max_tokens)
     q = embed(replicas, data["queries"], query_prompt, desc="queries", **kw)
     t2 = time.perf_counter()
     d = embed(replicas, data["docs"], doc_prompt, desc="corpus", **kw)
@@ -228,6 +240,7 @@ def evaluate_beir(
         "split": split,
         "num_queries": len(data["query_ids"]),
         "num_docs": len(data["doc_ids"]),
+        "sample": sample,
         "skipped_queries": data["skipped_queries"],
         "judgments_missing_doc": data["judgments_missing_doc"],
         "queries_without_relevant": data["queries_without_relevant"],
@@ -253,6 +266,7 @@ def run_mteb(
     batch_size: int,
     max_length: int,
     task_prompts: dict[str, str] | None = None,
+    max_tokens: int | None = None,
 ) -> dict[str, float]:
     """Run MTEB task objects (mteb >= 2) on the replicas -> {task name: main score}. A task whose name
     has prompts in `task_prompts` ("<task>-query" / "<task>-document", the export's) gets them, as mteb
@@ -271,7 +285,8 @@ def run_mteb(
             kind = "query" if prompt_type == "query" else "document"
             default = query_prompt if kind == "query" else doc_prompt
             prompt = task_prompts.get(f"{task_metadata.name}-{kind}", default)
-            return embed(replicas, texts, prompt, batch_size, max_length, desc=task_metadata.name).numpy()
+            name = task_metadata.name
+            return embed(replicas, texts, prompt, batch_size, max_length, desc=name, max_tokens=max_tokens).numpy()
 
         def similarity(self, a, b):
             return torch.as_tensor(a) @ torch.as_tensor(b).T
@@ -302,14 +317,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-length", type=int, help="tokens per text; default: sentence_bert_config.json, else 512")
     p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (per GPU)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        help="token budget per forward pass: as many texts as fit (at most --batch-size); unset: 2048 on the CPU "
+        "(faster there), --batch-size texts on GPUs",
+    )
+    p.add_argument("--max-queries", type=int, help="score a fixed sample of this many queries (seed 0); unset: all")
+    p.add_argument(
+        "--max-docs",
+        type=int,
+        help="score against a fixed sample of the corpus: every document the queries judge, then random others "
+        "up to this many (seed 0); unset: the whole corpus",
+    )
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="cuda = every visible GPU")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on GPUs, else float32")
     p.add_argument("--output-json", help="also write the result JSON to this file")
     args = p.parse_args(argv)
     if not args.beir and not args.mteb:
         p.error("nothing to evaluate: give --beir DATA_DIR and/or --mteb TASK ...")
-    if args.batch_size < 1 or (args.max_length is not None and args.max_length < 1):
-        p.error("--batch-size and --max-length must be positive")
+    sizes = ("batch_size", "max_length", "max_tokens", "max_queries", "max_docs")
+    bad = [f"--{n.replace('_', '-')}" for n in sizes if getattr(args, n) is not None and getattr(args, n) < 1]
+    if bad:
+        p.error(f"{', '.join(bad)} must be positive")
+    if args.mteb and (args.max_queries or args.max_docs):
+        p.error("--max-queries / --max-docs sample the --beir set; MTEB tasks are run whole")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         p.error("run evaluate.py with plain `python` (it uses every visible GPU itself), not torchrun/deepspeed")
     return args
@@ -318,6 +350,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def print_table(result: dict) -> None:
     print(
         f"\n{result['beir']} ({result['split']}): {result['num_queries']} queries, {result['num_docs']} documents"
+        f" ({result['sample']})"
         f" | skipped queries (not in queries.jsonl): {result['skipped_queries']}"
         f" | judgments of documents not in the corpus: {result['judgments_missing_doc']}"
         f" | queries with no relevant document: {result['queries_without_relevant']}"
@@ -351,7 +384,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {"model": args.model}
     if args.beir:
-        result = evaluate_beir(replicas, args.beir, query_prompt, doc_prompt, args.split, args.batch_size, max_length)
+        result = evaluate_beir(
+            replicas,
+            args.beir,
+            query_prompt,
+            doc_prompt,
+            args.split,
+            args.batch_size,
+            max_length,
+            max_tokens=args.max_tokens,
+            max_queries=args.max_queries,
+            max_docs=args.max_docs,
+        )
         result["model"] = args.model
         print_table(result)
     if args.mteb:
@@ -359,7 +403,9 @@ def main(argv: list[str] | None = None) -> dict:
         stored = stored_prompts(load_pretrained(model_files, args.model, "--model"))
         task_prompts = {} if chosen else stored  # else each task's own, where stored
         tasks = mteb.get_tasks(tasks=args.mteb)
-        scores = run_mteb(replicas, tasks, query_prompt, doc_prompt, args.batch_size, max_length, task_prompts)
+        scores = run_mteb(
+            replicas, tasks, query_prompt, doc_prompt, args.batch_size, max_length, task_prompts, args.max_tokens
+        )
         for name, score in scores.items():
             print(f"MTEB {name}: {score:.4f}")
         result["mteb"] = scores

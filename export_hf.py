@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from common import UserError, atomic_dir, resolve_device, run_cli
 from hf_files import (
+    export_max_seq_length,
     resolve_file,
     sentence_transformers_prompts,
     write_info_and_card,
@@ -722,16 +723,6 @@ def prepare(paths: list[str], tag: str | None, weights: list[float] | None) -> J
     return Job(sources, weights, config, family, expected, average, tokenizer)
 
 
-def max_seq_length(job: Job) -> int:
-    """sentence-transformers truncates every text at one length: the longer of the training data's two
-    limits (prepare_data.py --query-max-len / --passage-max-len, BOS included, as here)."""
-    max_len = job.train_state.get("max_len")
-    n = max(max_len.values()) if max_len else 512  # unknown (a plain model folder): the recipe's
-    if job.family == "encoder":  # absolute position embeddings have a hard limit
-        n = min(n, job.config["max_position_embeddings"])
-    return n
-
-
 # ----------------------------------------------------------------------------------------------
 # Verification
 
@@ -841,7 +832,10 @@ def export(cfg: ExportConfig) -> Path:
             write_model_files(tmp, job.config, job.family, architecture, job.tokenizer_path, cfg.dtype)
             max_bytes = parse_size(cfg.max_shard_size)
             weight_map = write_weights(tmp, job.average, job.expected, DTYPES[cfg.dtype], max_bytes)
-            write_sentence_transformers(tmp, job.config["hidden_size"], job.prompts, max_seq_length(job))
+            length = export_max_seq_length(
+                job.train_state.get("max_len"), job.config["model_type"], job.config.get("max_position_embeddings")
+            )
+            write_sentence_transformers(tmp, job.config["hidden_size"], job.prompts, length)
             write_info_and_card(
                 tmp,
                 job.sources,

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from common import UserError
+from model.loading import LLAMA_TYPES
 
 # The reference's remote code, shipped in every Llama export (trust_remote_code=True loads it).
 REMOTE_CODE = Path(__file__).resolve().parent / "model" / "llama_bidirectional_model.py"
@@ -138,6 +139,36 @@ def write_sentence_transformers(out: Path, hidden_size: int, prompts: dict, max_
             "similarity_fn_name": "cosine",
         },
     )
+
+
+RECIPE_MAX_LENGTH = 512  # tokens: the export's max_seq_length when the training data's limits are unknown
+
+
+def export_max_seq_length(max_len: dict | None, model_type: str, max_positions: int | None) -> int:
+    """The export's max_seq_length (sentence-transformers truncates every text at one length): the
+    longer of the training data's two limits (prepare_data.py --query-max-len / --passage-max-len,
+    BOS included; None: a plain model folder, the recipe's 512), capped by `position_cap`. What
+    export_hf.py writes and the evaluation during training uses."""
+    return position_cap(max(max_len.values()) if max_len else RECIPE_MAX_LENGTH, model_type, max_positions)
+
+
+def position_cap(n: int, model_type: str, max_positions: int | None) -> int:
+    """n tokens, at most where absolute position embeddings (the BERT family) end."""
+    if model_type not in LLAMA_TYPES and max_positions:
+        n = min(n, max_positions)
+    return int(n)
+
+
+def prompt_pair(prompts: dict, prompt_name: str | None, where: str) -> tuple[str | None, str | None]:
+    """The (query, document) prompts of stored sentence-transformers prompts: "<prompt_name>-query" /
+    "-document" (one training subset's), or "query" / "document" without a prompt_name; None where
+    absent. A prompt_name with neither stored is a UserError (`where` names the flag, and the file)."""
+    prefix = "" if prompt_name is None else f"{prompt_name}-"
+    query, document = prompts.get(f"{prefix}query"), prompts.get(f"{prefix}document")
+    if prompt_name is not None and query is None and document is None:
+        names = sorted({k.rsplit("-", 1)[0] for k in prompts if k.endswith(("-query", "-document"))})
+        raise UserError(f"{where} {prompt_name!r}: no such prompts; the subsets with prompts: {names or 'none'}")
+    return query, document
 
 
 def sentence_transformers_prompts(subsets: dict) -> dict:

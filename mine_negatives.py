@@ -98,7 +98,9 @@ class MineConfig:
     )
     passage_prompt: list[str] | None = option(None, "prefix(es); unset: the teacher's 'document'")
     max_length: int | None = option(None, "tokens; unset: the teacher's max_seq_length, else 512")
-    max_tokens: int = option(32768, "tokens per packed forward, per rank (a longer text goes alone)")
+    max_tokens: int | None = option(
+        None, "tokens per packed forward, per rank (a longer text goes alone); unset: 32768 on GPUs, 2048 on the CPU"
+    )
     batch_size: int | None = option(None, "at most this many texts per forward; unset: --max-tokens alone")
     keep_existing: bool = option(False, "keep neg_doc / neg and append mined ones")
     dtype: str = option(
@@ -629,6 +631,18 @@ def chunk_file(folder: Path, c: int) -> Path:
     return folder / "chunks" / f"{c:06d}.npy"
 
 
+GPU_PACK_TOKENS = 32768  # --max-tokens unset, on GPUs
+
+
+def pack_tokens(cfg: MineConfig, device: torch.device) -> int:
+    """Tokens per packed forward: --max-tokens, else 32768 on GPUs and CPU_PACK_TOKENS on the CPU."""
+    from model.biencoder import CPU_PACK_TOKENS
+
+    if cfg.max_tokens is not None:
+        return cfg.max_tokens
+    return CPU_PACK_TOKENS if device.type == "cpu" else GPU_PACK_TOKENS
+
+
 def embed_cached(
     enc, t: Teacher, compute_dtype, texts: TextColumn | list[str], role: str, cfg: MineConfig, cache_root: Path
 ) -> tuple[ChunkedRows, dict]:
@@ -683,7 +697,7 @@ def embed_cached(
             texts.take(idx),
             prompt=prompt,
             batch_size=cfg.batch_size,
-            max_tokens=cfg.max_tokens,
+            max_tokens=pack_tokens(cfg, next(enc.parameters()).device),
             max_length=t.max_length,
             show_progress=None if rank() == 0 else False,  # one bar per chunk, from rank 0 only
         )

@@ -228,3 +228,32 @@ def load_beir(beir_dir: str | Path, split: str = "test") -> dict:
         "judgments_missing_doc": missing_docs,
         "queries_without_relevant": sum(not any(r > 0 for r in rels.values()) for rels in qrels.values()),
     }
+
+
+SAMPLE_SEED = 0  # sample_beir: the same sample in every run
+
+
+def sample_beir(data: dict, max_queries: int | None, max_docs: int | None) -> tuple[dict, str]:
+    """A fixed, seeded sample of a BEIR set (load_beir's dict): at most max_queries judged queries,
+    and a corpus of every document they judge plus others up to max_docs, in corpus order. The same
+    sample in every run and in both tools (train_biencoder.py --eval-max-*, evaluate.py --max-*)."""
+    rng = np.random.default_rng(SAMPLE_SEED)
+    n, N = len(data["query_ids"]), len(data["doc_ids"])
+    notes = []
+    if max_queries is not None and max_queries < n:
+        keep = np.sort(rng.choice(n, max_queries, replace=False))
+        ids = [data["query_ids"][i] for i in keep]
+        data = {**data, "query_ids": ids, "queries": [data["queries"][i] for i in keep]}
+        data["qrels"] = {q: data["qrels"][q] for q in ids}
+        notes.append(f"{max_queries} of {n} queries")
+    if max_docs is not None and max_docs < N:
+        judged = {d for rels in data["qrels"].values() for d in rels}
+        is_judged = np.array([d in judged for d in data["doc_ids"]])
+        others = np.flatnonzero(~is_judged)
+        extra = max(0, max_docs - int(is_judged.sum()))
+        chosen = rng.choice(others, min(extra, len(others)), replace=False)
+        keep = np.sort(np.concatenate([np.flatnonzero(is_judged), chosen]))
+        data = {**data, "doc_ids": [data["doc_ids"][i] for i in keep], "docs": [data["docs"][i] for i in keep]}
+        notes.append(f"{len(keep)} of {N} documents (every judged one, then random others)")
+    note = f"sample (seed {SAMPLE_SEED}): {', '.join(notes)}" if notes else "full set"
+    return data, note

@@ -165,6 +165,11 @@ class TrainConfig:
     eval_max_docs: int | None = option(
         None, "corpus sample of each BEIR folder: every document the queries judge, then random others up to this"
     )
+    eval_max_tokens: int | None = option(
+        None,
+        "token budget of the evaluation's packed forwards (no activations are kept: on GPUs it can exceed "
+        "--max-tokens-per-gpu; on CPUs a few thousand is faster); unset: --max-tokens-per-gpu",
+    )
     eval_prompts: str | None = option(
         None,
         'JSON {"<folder name>": {"query": ..., "document": ... | "prompt_name": subset, "max_length": n}}; '
@@ -198,7 +203,7 @@ class TrainConfig:
         need(self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
         need(self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "--gpu-memory-gb must be > 0")
         need(self.host_memory_gb is None or self.host_memory_gb > 0, "--host-memory-gb must be > 0")
-        for name in ("eval_every", "eval_max_queries", "eval_max_docs"):
+        for name in ("eval_every", "eval_max_queries", "eval_max_docs", "eval_max_tokens"):
             value = getattr(self, name)
             need(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
 

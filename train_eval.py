@@ -26,15 +26,14 @@ from batches import collate, example_lengths, split_step
 from common import UserError, read_json_file
 from dataset import PreparedData, subset_prompts
 from distributed import gather, rank, world_size
-from hf_files import sentence_transformers_prompts
+from hf_files import export_max_seq_length, position_cap, prompt_pair, sentence_transformers_prompts
 from model.biencoder import pack, token_batches
 from retrieval import METRICS, TOP_K, build_run, retrieval_metrics, search
-from sources import load_beir
+from sources import load_beir, sample_beir
 
 BEIR_METRICS = {name: name.lower() for name in METRICS}  # NDCG@10 -> eval/<name>/ndcg@10
 GROUP_METRICS = ("loss", "acc@1", "mrr")
 LOWER_IS_BETTER = ("loss",)
-SAMPLE_SEED = 0  # --eval-max-queries / --eval-max-docs: the same sample in every run
 
 
 @dataclass
@@ -102,8 +101,10 @@ def check_eval_options(cfg, data_meta: dict | None = None, model_config=None) ->
     if data_meta is not None:
         for entry in prompts.values():
             export_settings(data_meta, model_config, entry)  # a prompt_name the data lacks: the error
-    if (cfg.eval_every or cfg.eval_max_queries or cfg.eval_max_docs) and not names:
-        raise UserError("--eval-every / --eval-max-queries / --eval-max-docs need --eval-beir or --eval-data")
+    if (cfg.eval_every or cfg.eval_max_queries or cfg.eval_max_docs or cfg.eval_max_tokens) and not names:
+        raise UserError(
+            "--eval-every / --eval-max-queries / --eval-max-docs / --eval-max-tokens need --eval-beir or --eval-data"
+        )
     if cfg.keep_best:
         logged = metric_names(beir, groups)
         if cfg.keep_best not in logged:
@@ -134,42 +135,14 @@ def export_settings(data_meta: dict, model_config, entry: dict) -> tuple[str, st
     "document", or "<prompt_name>-query" / "-document"; none when the subsets differ) and its
     max_seq_length, the longer of the data's two token limits, capped by absolute positions."""
     stored = sentence_transformers_prompts(subset_prompts(data_meta))
-    prefix = f"{entry['prompt_name']}-" if "prompt_name" in entry else ""
-    if prefix and f"{prefix}query" not in stored and f"{prefix}document" not in stored:
-        names = sorted({k.rsplit("-", 1)[0] for k in stored if k.endswith(("-query", "-document"))})
-        raise UserError(f"--eval-prompts: prompt_name {entry['prompt_name']!r} is no subset of the data ({names})")
-    query = entry.get("query", stored.get(f"{prefix}query", ""))
-    document = entry.get("document", stored.get(f"{prefix}document", ""))
-    length = entry.get("max_length", max(data_meta["query_max_len"], data_meta["passage_max_len"]))
+    query, document = prompt_pair(stored, entry.get("prompt_name"), "--eval-prompts: prompt_name")
+    query, document = entry.get("query", query or ""), entry.get("document", document or "")
+    model_type = getattr(model_config, "model_type", "")
     positions = getattr(model_config, "max_position_embeddings", None)
-    if getattr(model_config, "model_type", "") not in ("llama", "llama_bidirec") and positions:
-        length = min(length, positions)  # absolute position embeddings (BERT) end here
-    return query, document, int(length)
-
-
-def sample(data: dict, max_queries: int | None, max_docs: int | None) -> tuple[dict, str]:
-    """A fixed, seeded sample of a BEIR set (load_beir's dict): at most max_queries judged queries,
-    and a corpus of every document they judge plus others up to max_docs, in corpus order."""
-    rng = np.random.default_rng(SAMPLE_SEED)
-    n, N = len(data["query_ids"]), len(data["doc_ids"])
-    notes = []
-    if max_queries is not None and max_queries < n:
-        keep = np.sort(rng.choice(n, max_queries, replace=False))
-        ids = [data["query_ids"][i] for i in keep]
-        data = {**data, "query_ids": ids, "queries": [data["queries"][i] for i in keep]}
-        data["qrels"] = {q: data["qrels"][q] for q in ids}
-        notes.append(f"{max_queries} of {n} queries")
-    if max_docs is not None and max_docs < N:
-        judged = {d for rels in data["qrels"].values() for d in rels}
-        is_judged = np.array([d in judged for d in data["doc_ids"]])
-        others = np.flatnonzero(~is_judged)
-        extra = max(0, max_docs - int(is_judged.sum()))
-        chosen = rng.choice(others, min(extra, len(others)), replace=False)
-        keep = np.sort(np.concatenate([np.flatnonzero(is_judged), chosen]))
-        data = {**data, "doc_ids": [data["doc_ids"][i] for i in keep], "docs": [data["docs"][i] for i in keep]}
-        notes.append(f"{len(keep)} of {N} documents (every judged one, then random others)")
-    note = f"sample (seed {SAMPLE_SEED}): {', '.join(notes)}" if notes else "full set"
-    return data, note
+    if "max_length" in entry:
+        return query, document, position_cap(entry["max_length"], model_type, positions)
+    limits = {"query": data_meta["query_max_len"], "passage": data_meta["passage_max_len"]}
+    return query, document, export_max_seq_length(limits, model_type, positions)
 
 
 def load_eval_sets(cfg, tokenizer, data_meta: dict, model_config) -> tuple[list[BeirSet], list[GroupSet]]:
@@ -179,7 +152,7 @@ def load_eval_sets(cfg, tokenizer, data_meta: dict, model_config) -> tuple[list[
     beir = []
     for folder in cfg.eval_beir or []:
         name = set_name(folder)
-        data, note = sample(load_beir(folder), cfg.eval_max_queries, cfg.eval_max_docs)
+        data, note = sample_beir(load_beir(folder), cfg.eval_max_queries, cfg.eval_max_docs)
         query_prompt, doc_prompt, length = export_settings(data_meta, model_config, prompts.get(name, {}))
         texts = [query_prompt + t for t in data["queries"]] + [doc_prompt + t for t in data["docs"]]
         tokens = tokenizer(texts, truncation=True, max_length=length)["input_ids"]
@@ -288,7 +261,8 @@ def group_metrics(engine, g: GroupSet, cfg, device) -> dict[str, float]:
     positive scores highest (a tie counts for it, as argmax picks the first); mrr: 1 / its rank."""
     data, k = g.data, cfg.num_negatives
     queries = np.arange(len(data))
-    micro_batches = split_step(queries, example_lengths(data, k)[queries], world_size(), None, cfg.max_tokens_per_gpu)
+    budget = cfg.eval_max_tokens or cfg.max_tokens_per_gpu
+    micro_batches = split_step(queries, example_lengths(data, k)[queries], world_size(), None, budget)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for mb in micro_batches[rank()]:  # every rank has the same number of micro-batches
         dummy = len(mb) == 0
@@ -312,12 +286,11 @@ def evaluate(engine, beir: list[BeirSet], groups: list[GroupSet], cfg, device) -
     was_training = engine.module.training
     engine.module.eval()
     row = {}
+    budget = cfg.eval_max_tokens or cfg.max_tokens_per_gpu  # tokens per packed forward
     try:
         for s in beir:
             t0 = time.perf_counter()
-            row.update(
-                {f"eval/{s.name}/{m}": v for m, v in beir_metrics(engine, s, cfg.max_tokens_per_gpu, device).items()}
-            )
+            row.update({f"eval/{s.name}/{m}": v for m, v in beir_metrics(engine, s, budget, device).items()})
             row[f"eval/{s.name}/seconds"] = time.perf_counter() - t0
         for g in groups:
             t0 = time.perf_counter()

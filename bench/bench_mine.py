@@ -337,7 +337,7 @@ def memory_model(args, info: dict, ranks: int, dim: int, baseline: int, teacher_
     qb = max(1, min(args.query_block, my_q))
     db = min(args.doc_block, N)
     score_rows = min(max(1, min(args.query_block, (1 << 24) // max(args.doc_block, 1))), qb)  # as search()
-    tokens = 32768  # --max-tokens per packed forward
+    tokens = mn.pack_tokens(mn.MineConfig(), torch.device(args.device))  # per packed forward (--max-tokens unset)
     h, inter = teacher_cfg.hidden_size, teacher_cfg.intermediate_size
     act_bytes = tokens * (4 * h + 3 * inter) * 4
     chunk_bytes = chunk * (pystr(pc) + 2 * 36 * (pc / 5 + 2) + 2 * dim * 4)  # ~5 characters a token

@@ -85,6 +85,12 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Ten
     return torch.arange(total, device=cu_seqlens.device) - starts
 
 
+# Tokens per packed forward on a CPU: smaller packs stay in cache. Measured (all-MiniLM-L6-v2, 600
+# SciFact documents at 256 tokens, 2 threads): 29.6 s at 2,048 against 38.3 s for batches of 64 texts
+# and 46.0 s at 32,768, the same embeddings.
+CPU_PACK_TOKENS = 2048
+
+
 def token_batches(lengths: list[int], max_texts: int | None, max_tokens: int | None) -> list[tuple[int, int]]:
     """Consecutive [a, b) slices of texts (in the given order) of at most max_texts texts and at most
     max_tokens tokens each (a longer text alone); neither given: one batch."""

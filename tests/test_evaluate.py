@@ -270,6 +270,24 @@ def test_cli_end_to_end_on_a_scifact_subset(scifact_subset, tmp_path, capsys):
         assert m[name] == pytest.approx(ref[name], abs=1e-6), name
 
 
+def test_cli_sample_is_the_training_sample_scored_whole(scifact_subset, tmp_path, capsys):
+    """--max-queries / --max-docs score sources.sample_beir's sample (the one --eval-max-* takes):
+    the same numbers as the sampled set written out as a BEIR folder of its own and scored whole."""
+    args = ["--model", str(minilm_dir()), "--beir", str(scifact_subset), "--query-prompt", "", "--max-length", "64"]
+    result = ev.main([*args, "--max-queries", "8", "--max-docs", "60", "--max-tokens", "512"])
+    assert capsys.readouterr().out.count("(sample (seed 0): 8 of 20 queries, 60 of ") == 1  # the table says so
+    assert (result["num_queries"], result["num_docs"]) == (8, 60)
+    data, _ = sources.sample_beir(sources.load_beir(scifact_subset), 8, 60)
+    qrels = [f"{q}\t{d}\t{r}" for q, rels in data["qrels"].items() for d, r in rels.items()]
+    corpus = [{"_id": i, "title": "", "text": t} for i, t in zip(data["doc_ids"], data["docs"], strict=True)]
+    queries = [{"_id": i, "text": t} for i, t in zip(data["query_ids"], data["queries"], strict=True)]
+    whole = ev.main([*args[:3], str(write_beir(tmp_path / "sampled", corpus, queries, qrels)), *args[4:]])
+    assert whole["sample"] == "full set" and whole["num_docs"] == 60
+    assert result["metrics"] == pytest.approx(whole["metrics"], abs=1e-6)
+    with pytest.raises(SystemExit):
+        ev.main([*args, "--max-docs", "0"])
+
+
 def test_cli_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"qrels/test\.tsv"):
         ev.main(["--model", str(minilm_dir()), "--beir", str(tmp_path)])
@@ -285,7 +303,7 @@ def test_prompt_name_takes_one_subsets_stored_prompts(tmp_path):
     assert ev.resolve_settings(tmp_path, replicas, None, None, None, "SciFact") == ("Q: ", "P: ", 512)
     assert ev.resolve_settings(tmp_path, replicas, None, None, None) == ("", "", 512)
     assert ev.resolve_settings(tmp_path, replicas, "x ", None, 64, "SciFact") == ("x ", "P: ", 64)
-    with pytest.raises(ValueError, match=r"--prompt-name MSMARCO: .* it has \['NQ', 'SciFact'\]"):
+    with pytest.raises(ValueError, match=r"--prompt-name 'MSMARCO': .* prompts: \['NQ', 'SciFact'\]"):
         ev.resolve_settings(tmp_path, replicas, None, None, None, "MSMARCO")
 
 

@@ -9,13 +9,13 @@ other setting comes from the recipe files.
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 from test_mine import small_subset
 
+import export_hf
 import mine_negatives
 import prepare_data
 from common import run_cli
@@ -38,10 +38,8 @@ def train(recipe: str, model: Path, data: Path, out: Path, *extra) -> dict:
 
 
 def export(out: Path, *sources: Path) -> dict:
-    cmd = [sys.executable, str(REPO / "export_hf.py"), "--dtype", "float32", "--no-verify", "--output-dir", str(out)]
-    cmd += ["--checkpoint", *[str(s) for s in sources]]
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    args = ["--dtype", "float32", "--no-verify", "--output-dir", str(out), "--checkpoint", *[str(s) for s in sources]]
+    assert run_cli(export_hf.main, args) == 0
     return load_file(str(out / "model.safetensors"))
 
 

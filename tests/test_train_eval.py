@@ -13,7 +13,7 @@ import train_biencoder as tb
 import train_eval as te
 from common import UserError
 from retrieval import search
-from sources import load_beir
+from sources import load_beir, sample_beir
 from tiny_models import REPO
 
 SCIFACT_BEIR = REPO / "data" / "scifact-beir"
@@ -48,15 +48,15 @@ def test_a_rank_without_documents_and_a_corpus_smaller_than_k():
 
 def test_sample_is_fixed_and_keeps_every_judged_document():
     full = load_beir(SCIFACT_BEIR)
-    a, note = te.sample(full, 50, 400)
-    b, _ = te.sample(full, 50, 400)
+    a, note = sample_beir(full, 50, 400)
+    b, _ = sample_beir(full, 50, 400)
     assert a == b and "50 of 300 queries" in note and "400 of 5183 documents" in note
     assert len(a["query_ids"]) == 50 and len(a["doc_ids"]) == 400
     judged = {d for q in a["query_ids"] for d in full["qrels"][q]}
     assert judged <= set(a["doc_ids"])
     positions = [full["doc_ids"].index(d) for d in a["doc_ids"]]
     assert positions == sorted(positions)  # corpus order kept: ties break as in the full corpus
-    assert te.sample(full, None, None) == (full, "full set")
+    assert sample_beir(full, None, None) == (full, "full set")
 
 
 def test_export_settings_are_what_evaluate_reads_from_the_export():
