@@ -167,8 +167,8 @@ class TrainConfig:
     )
     eval_max_tokens: int | None = option(
         None,
-        "token budget of the evaluation's packed forwards (no activations are kept: on GPUs it can exceed "
-        "--max-tokens-per-gpu; on CPUs a few thousand is faster); unset: --max-tokens-per-gpu",
+        "token budget of the evaluation's packed forwards (no activations are kept: it can exceed "
+        "--max-tokens-per-gpu; each forward gathers the ZeRO-3 parameters once); unset: --max-tokens-per-gpu",
     )
     eval_prompts: str | None = option(
         None,
