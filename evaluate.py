@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from common import UserError, load_pretrained, resolve_device, run_cli, write_atomic
 from hf_files import prompt_pair
 from model import BiEncoder
-from model.biencoder import CPU_PACK_TOKENS
+from model.biencoder import pack_budget
 from model.loading import DEFAULT_MAX_LENGTH, model_files, stored_max_length, stored_prompts
 from retrieval import METRICS, TOP_K, build_run, retrieval_metrics, search
 from sources import beir_files, load_beir, sample_beir
@@ -128,7 +128,7 @@ def embed(
     Texts are cut into blocks of 16 batches, longest first so that a block holds similar
     lengths; each replica (one thread per GPU) takes the next block until none are left. A forward
     packs batch_size texts, or with max_tokens as many as fit in that many tokens (at most batch_size);
-    on the CPU max_tokens defaults to CPU_PACK_TOKENS (faster there, the same embeddings).
+    on the CPU max_tokens defaults to model.biencoder.CPU_PACK_TOKENS (faster there, the same embeddings).
     """
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     block = 16 * batch_size
@@ -141,7 +141,7 @@ def embed(
         device = next(enc.parameters()).device
         if device.type == "cuda":
             torch.cuda.set_device(device)  # per thread: kernels launch on this replica's GPU
-        budget = CPU_PACK_TOKENS if max_tokens is None and device.type == "cpu" else max_tokens
+        budget = pack_budget(max_tokens, device)
         while True:
             with lock:
                 idx = next(blocks, None)

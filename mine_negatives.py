@@ -636,11 +636,9 @@ GPU_PACK_TOKENS = 32768  # --max-tokens unset, on GPUs
 
 def pack_tokens(cfg: MineConfig, device: torch.device) -> int:
     """Tokens per packed forward: --max-tokens, else 32768 on GPUs and CPU_PACK_TOKENS on the CPU."""
-    from model.biencoder import CPU_PACK_TOKENS
+    from model.biencoder import pack_budget
 
-    if cfg.max_tokens is not None:
-        return cfg.max_tokens
-    return CPU_PACK_TOKENS if device.type == "cpu" else GPU_PACK_TOKENS
+    return pack_budget(cfg.max_tokens, device, GPU_PACK_TOKENS)
 
 
 def embed_cached(
@@ -691,13 +689,14 @@ def embed_cached(
         unit="text",
         disable=rank() != 0 or not n_mine or bool(os.environ.get("TQDM_DISABLE")),
     )
+    budget = pack_tokens(cfg, next(enc.parameters()).device)
     for c in mine:
         idx = np.sort(chunks[c])  # ascending rows
         out = enc.encode(
             texts.take(idx),
             prompt=prompt,
             batch_size=cfg.batch_size,
-            max_tokens=pack_tokens(cfg, next(enc.parameters()).device),
+            max_tokens=budget,
             max_length=t.max_length,
             show_progress=None if rank() == 0 else False,  # one bar per chunk, from rank 0 only
         )

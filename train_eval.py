@@ -255,14 +255,13 @@ def beir_metrics(engine, s: BeirSet, max_tokens: int, device) -> dict[str, float
 
 
 @torch.no_grad()
-def group_metrics(engine, g: GroupSet, cfg, device) -> dict[str, float]:
+def group_metrics(engine, g: GroupSet, cfg, max_tokens: int, device) -> dict[str, float]:
     """The recipe's validation: each query against its own positive and --num-negatives negatives
     (no in-batch negatives), logits = cosine / --temperature. loss: mean cross-entropy; acc@1: the
     positive scores highest (a tie counts for it, as argmax picks the first); mrr: 1 / its rank."""
     data, k = g.data, cfg.num_negatives
     queries = np.arange(len(data))
-    budget = cfg.eval_max_tokens or cfg.max_tokens_per_gpu
-    micro_batches = split_step(queries, example_lengths(data, k)[queries], world_size(), None, budget)
+    micro_batches = split_step(queries, example_lengths(data, k)[queries], world_size(), None, max_tokens)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for mb in micro_batches[rank()]:  # every rank has the same number of micro-batches
         dummy = len(mb) == 0
@@ -294,7 +293,7 @@ def evaluate(engine, beir: list[BeirSet], groups: list[GroupSet], cfg, device) -
             row[f"eval/{s.name}/seconds"] = time.perf_counter() - t0
         for g in groups:
             t0 = time.perf_counter()
-            row.update({f"eval/{g.name}/{m}": v for m, v in group_metrics(engine, g, cfg, device).items()})
+            row.update({f"eval/{g.name}/{m}": v for m, v in group_metrics(engine, g, cfg, budget, device).items()})
             row[f"eval/{g.name}/seconds"] = time.perf_counter() - t0
     finally:
         engine.module.train(was_training)

@@ -91,6 +91,14 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Ten
 CPU_PACK_TOKENS = 2048
 
 
+def pack_budget(max_tokens: int | None, device: torch.device, gpu_default: int | None = None) -> int | None:
+    """Tokens per packed forward: max_tokens when given, else CPU_PACK_TOKENS on the CPU and
+    gpu_default elsewhere (None: no token limit, the caller's text count alone)."""
+    if max_tokens is not None:
+        return max_tokens
+    return CPU_PACK_TOKENS if device.type == "cpu" else gpu_default
+
+
 def token_batches(lengths: list[int], max_texts: int | None, max_tokens: int | None) -> list[tuple[int, int]]:
     """Consecutive [a, b) slices of texts (in the given order) of at most max_texts texts and at most
     max_tokens tokens each (a longer text alone); neither given: one batch."""
