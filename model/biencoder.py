@@ -134,6 +134,7 @@ class BiEncoder(nn.Module):
         # bidirectional=False keeps the model's own attention (causal for a decoder): teachers only.
         self.encoder = make_bidirectional(encoder) if bidirectional else encoder
         self.pooling = pooling
+        self.bidirectional = bidirectional
         self.encoder.config.use_cache = False  # an encoder: no KV cache
         self.tokenizer = tokenizer
         # Absolute position embeddings (BERT) have a hard limit; RoPE models have none.

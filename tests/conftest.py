@@ -18,6 +18,16 @@ def llama_tokenizer_path():
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def minilm_scifact_cache(tmp_path_factory):
+    """One embedding cache for the two tests that embed SciFact's whole corpus with the untouched
+    all-MiniLM-L6-v2 at 256 tokens, no prompt (evaluate.py's published baseline and the miner's shipped
+    negatives: the same 5,183 texts, the same key): whichever runs first embeds the corpus (minutes on
+    2 CPU cores), the other reads it. Alone, either test embeds it itself. Under pytest-xdist both
+    carry the xdist_group "minilm_scifact", so that --dist loadgroup gives them one worker."""
+    return tmp_path_factory.mktemp("minilm_scifact_cache")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def remove_leftover_deepspeed_shm_buffers():
     """DeepSpeed's CPU allreduce buffers (/dev/shm, ~66 MB of RAM per rank) of runs killed on purpose

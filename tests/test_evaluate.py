@@ -19,7 +19,7 @@ import evaluate as ev
 import retrieval
 import sources
 from model import BiEncoder
-from tiny_models import copy_minilm, minilm_dir, save_tiny_last_token_model
+from tiny_models import minilm_dir, save_tiny_last_token_model
 
 REPO = Path(__file__).resolve().parents[1]
 SCIFACT = REPO / "data" / "scifact-beir"
@@ -288,6 +288,46 @@ def test_cli_sample_is_the_training_sample_scored_whole(scifact_subset, tmp_path
         ev.main([*args, "--max-docs", "0"])
 
 
+def test_cache_dir_reads_the_miners_corpus_and_resumes(tmp_path):
+    """--cache-dir: the miner's embedding cache. Evaluating a teacher on the corpus it mined reads the
+    miner's corpus chunks; a rerun reads everything; another query prompt embeds only the queries; and
+    every way gives the metrics of an evaluation without a cache."""
+    import pyarrow.parquet as pq
+    from test_mine import run_mine, small_subset
+
+    subset = small_subset(tmp_path / "SciFact", num_queries=12, num_docs=80)
+    cache = tmp_path / "cache"
+    common = ["--model", minilm_dir(), "--max-length", 48, "--num-negatives", 2, "--cache-dir", cache]
+    assert run_mine("--data", subset, *common, "--output-dir", tmp_path / "mined") == 0
+    # the same corpus, in its order, as a BEIR folder; the mined queries, judged by their positives
+    ids = set(pq.read_table(subset / "corpus.parquet")["id"].to_pylist())
+    corpus = [row for row in map(json.loads, open(SCIFACT / "corpus.jsonl")) if row["_id"] in ids]
+    rows = pq.read_table(subset / "queries.parquet").to_pylist()
+    queries = [{"_id": r["question_id"], "text": r["question"]} for r in rows]
+    qrels = [f"{r['question_id']}\t{d['id']}\t1" for r in rows for d in r["pos_doc"]]
+    beir = write_beir(tmp_path / "beir", corpus, queries, qrels)
+
+    def run(cache_dir, query_prompt=""):
+        return ev.evaluate_beir(
+            minilm_dir(), beir, query_prompt=query_prompt, max_length=48, show_progress=False, cache_dir=cache_dir
+        )
+
+    plain = run(None)
+    assert "embedding_cache" not in plain
+    first, again, other = run(cache), run(cache), run(cache, query_prompt="query: ")
+    read = {
+        role: [r["embedding_cache"][role]["chunks_cached"] for r in (first, again, other)]
+        for role in ("queries", "corpus")
+    }
+    # the corpus and the queries (the mined ones) are the miner's chunks; "query: " is embedded anew
+    assert read == {"queries": [1, 1, 0], "corpus": [1, 1, 1]}
+    assert first["metrics"] == pytest.approx(plain["metrics"], abs=1e-6)
+    assert again["metrics"] == first["metrics"]
+    assert other["metrics"] == pytest.approx(run(None, query_prompt="query: ")["metrics"], abs=1e-6)
+    mined = {p.name.split("-")[0] for p in cache.glob("*-*") if (p / "meta.json").is_file()}
+    assert mined == {"corpus", "queries"} and len(list(cache.glob("queries-*"))) == 2  # "", "query: "
+
+
 def test_cli_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"qrels/test\.tsv"):
         ev.main(["--model", str(minilm_dir()), "--beir", str(tmp_path)])
@@ -324,9 +364,13 @@ def test_mteb_wrapper_on_mock_tasks():
 
 
 @pytest.mark.slow
-def test_scifact_baseline_untouched_minilm(tmp_path):
-    """Full SciFact test (300 queries, 5183 documents): 19 min on a busy 2-core CPU (load ~5)."""
-    result = ev.evaluate_beir(copy_minilm(tmp_path / "minilm"), SCIFACT, query_prompt="", show_progress=False)
+@pytest.mark.xdist_group("minilm_scifact")
+def test_scifact_baseline_untouched_minilm(minilm_scifact_cache):
+    """Full SciFact test (300 queries, 5183 documents), through the cache the shipped-negatives test
+    shares (conftest.minilm_scifact_cache): the corpus is embedded once for both."""
+    result = ev.evaluate_beir(
+        minilm_dir(), SCIFACT, query_prompt="", show_progress=False, cache_dir=minilm_scifact_cache
+    )
     assert result["max_length"] == 256 and result["num_queries"] == 300 and result["num_docs"] == 5183
     assert result["metrics"]["NDCG@10"] == pytest.approx(0.6497, abs=5e-4)
     assert result["metrics"]["Recall@100"] == pytest.approx(0.9250, abs=5e-4)

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import embedding_cache
 import mine_negatives as mn
 import retrieval
 from common import USER_ERROR_STATUS, run_cli
@@ -79,7 +80,7 @@ def run_mine(*args) -> int:
 
 
 def cached(stats: dict, t: int, role: str) -> np.ndarray:
-    return mn.ChunkedRows(Path(stats["embedding"][t][role]["cache"]))[:].astype(np.float32)
+    return embedding_cache.ChunkedRows(Path(stats["embedding"][t][role]["cache"]))[:].astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,8 +157,8 @@ def test_a_query_left_without_negatives_is_said_with_the_flag_that_skips_it(tmp_
 def test_a_hub_teacher_is_cached_by_name_and_revision(tmp_path):
     snapshot = tmp_path / "models--org--teacher" / "snapshots" / "0123abcd"
     snapshot.mkdir(parents=True)
-    assert mn.teacher_identity("org/teacher", snapshot) == "org/teacher@0123abcd"
-    assert mn.teacher_identity("org/teacher", tmp_path / "elsewhere") == "org/teacher"
+    assert embedding_cache.model_identity("org/teacher", snapshot) == "org/teacher@0123abcd"
+    assert embedding_cache.model_identity("org/teacher", tmp_path / "elsewhere") == "org/teacher"
 
 
 @pytest.mark.parametrize("margin_type,margin", [("abs", 2.0**-6), ("perc", 0.95)])
@@ -573,9 +574,12 @@ def test_killed_during_embedding_resumes_without_redoing_chunks(tmp_path, llama_
 
 
 @pytest.mark.slow
-def test_minilm_on_scifact_reproduces_the_shipped_negatives(tmp_path):
+@pytest.mark.xdist_group("minilm_scifact")
+def test_minilm_on_scifact_reproduces_the_shipped_negatives(tmp_path, minilm_scifact_cache):
+    """The corpus embedding goes through the cache the baseline test shares (conftest.minilm_scifact_cache)."""
     out = tmp_path / "mined"
-    assert run_mine("--data", SCIFACT, "--model", minilm_dir(), "--num-negatives", 8, "--output-dir", out) == 0
+    args = ["--model", minilm_dir(), "--num-negatives", 8, "--output-dir", out, "--cache-dir", minilm_scifact_cache]
+    assert run_mine("--data", SCIFACT, *args) == 0
     stats = json.loads((out / "scifact" / "mining_stats.json").read_text())
     assert stats["teachers"][0]["max_length"] == 256 and stats["teachers"][0]["query_prompt"] == ""
     shipped = [[d["id"] for d in x] for x in pq.read_table(SCIFACT / "queries.parquet")["neg_doc"].to_pylist()]
@@ -598,7 +602,7 @@ def test_half_precision_cache(tmp_path):
             run_mine(*common, "--output-dir", out, "--embedding-dtype", dtype, "--cache-dir", tmp_path / "cache") == 0
         )
         stats = json.loads((out / "SciFact" / "mining_stats.json").read_text())
-        raw = mn.ChunkedRows(Path(stats["embedding"][0]["corpus"]["cache"]))[:]
+        raw = embedding_cache.ChunkedRows(Path(stats["embedding"][0]["corpus"]["cache"]))[:]
         assert raw.dtype == stored
         assert np.allclose(retrieval.as_float(raw, "cpu").numpy(), cached(full, 0, "corpus"), atol=atol)
         _, s16 = read_mined(out)
