@@ -40,4 +40,15 @@ if [ ! -f "$VENV/llama.cpp/convert_hf_to_gguf.py" ]; then
         "$src/convert_hf_to_gguf.py" "$src/conversion" "$src/gguf-py" "$src/LICENSE"
     rm -rf "$sdist"
 fi
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+    # DeepSpeed's two CPU ops (CPU Adam, the CPU allreduce) are compiled on first use, about 1.5 min on
+    # 2 cores: do it here, once per environment, rather than in the first training or test.
+    echo "== building DeepSpeed's CPU ops (cpu_adam, shm comm), once"
+    DS_ACCELERATOR=cpu python -c "
+from deepspeed.accelerator import get_accelerator
+for name in ('CPUAdamBuilder', 'ShareMemCommBuilder'):
+    get_accelerator().create_op_builder(name).load(verbose=False)
+" > "$VENV/deepspeed_ops_build.log" 2>&1 \
+        || echo "warning: building them failed ($VENV/deepspeed_ops_build.log); the first run will try again"
+fi
 python -c "import torch, deepspeed, transformers; print(f'torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}')"

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and how run_tests.sh's two pytest-xdist workers share the tests."""
 
 import os
 import time
@@ -41,3 +41,40 @@ def remove_leftover_deepspeed_shm_buffers():
                 f.unlink()
         except FileNotFoundError:
             pass
+
+
+def pytest_configure(config):
+    """A pytest-xdist worker computes on one core (torch, and the subprocesses it starts, unless a test
+    sets its own OMP_NUM_THREADS), so that two workers keep two cores busy without oversubscribing them."""
+    if hasattr(config, "workerinput"):
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
+SLOW_WEIGHT = 60  # a slow test costs about a minute, a quick one about a second
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (run_tests.sh: -n 2 --dist loadgroup --no-loadscope-reorder), one worker runs
+    a whole module, so that a module fixture (a tiny model, a prepared data set, a training run that
+    several tests check) is built once; a test with an xdist_group of its own goes with that group.
+    The groups are handed out costliest first (a slow test ~ SLOW_WEIGHT quick ones), so that the
+    last ones are short and neither worker waits long for the other at the end."""
+    if not hasattr(config, "workerinput") and not getattr(config.option, "numprocesses", None):
+        return  # a plain run: the usual order
+    cost: dict[str, int] = {}
+    for item in items:
+        mark = item.get_closest_marker("xdist_group")
+        group = (mark.args[0] if mark.args else mark.kwargs["name"]) if mark else item.path.name
+        if not mark:
+            item.add_marker(pytest.mark.xdist_group(group))
+        cost[group] = cost.get(group, 0) + (SLOW_WEIGHT if item.get_closest_marker("slow") else 1)
+        item.stash[GROUP] = group
+    rank = {g: i for i, g in enumerate(sorted(cost, key=lambda g: -cost[g]))}
+    items.sort(key=lambda item: rank[item.stash[GROUP]])  # stable: a group keeps its order
+
+
+GROUP = pytest.StashKey[str]()
