@@ -18,16 +18,6 @@ def llama_tokenizer_path():
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def minilm_scifact_cache(tmp_path_factory):
-    """One embedding cache for the two tests that embed SciFact's whole corpus with the untouched
-    all-MiniLM-L6-v2 at 256 tokens, no prompt (evaluate.py's published baseline and the miner's shipped
-    negatives: the same 5,183 texts, the same key): whichever runs first embeds the corpus (minutes on
-    2 CPU cores), the other reads it. Alone, either test embeds it itself. Under pytest-xdist both
-    carry the xdist_group "minilm_scifact", so that --dist loadgroup gives them one worker."""
-    return tmp_path_factory.mktemp("minilm_scifact_cache")
-
-
 @pytest.fixture(scope="session", autouse=True)
 def remove_leftover_deepspeed_shm_buffers():
     """DeepSpeed's CPU allreduce buffers (/dev/shm, ~66 MB of RAM per rank) of runs killed on purpose
@@ -53,28 +43,18 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
-SLOW_WEIGHT = 60  # a slow test costs about a minute, a quick one about a second
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (run_tests.sh: -n 2 --dist loadgroup --no-loadscope-reorder), one worker runs
-    a whole module, so that a module fixture (a tiny model, a prepared data set, a training run that
-    several tests check) is built once; a test with an xdist_group of its own goes with that group.
-    The groups are handed out costliest first (a slow test ~ SLOW_WEIGHT quick ones), so that the
-    last ones are short and neither worker waits long for the other at the end."""
-    if not hasattr(config, "workerinput") and not getattr(config.option, "numprocesses", None):
+    """Under pytest-xdist (run_tests.sh: -n 2 --dist loadfile --no-loadscope-reorder) a worker runs a
+    whole test file, so that a module fixture (a tiny model, a prepared data set, a training run that
+    several tests check) is built once, and the files go out in the order of the collection: sorted
+    here costliest first, so that the last ones are short and neither worker waits long for the other.
+    A test marked slow counts as the minutes its mark says (slow(minutes=N), default 1), another as a
+    second."""
+    if not hasattr(config, "workerinput"):
         return  # a plain run: the usual order
-    cost: dict[str, int] = {}
+    cost: dict = {}
     for item in items:
-        mark = item.get_closest_marker("xdist_group")
-        group = (mark.args[0] if mark.args else mark.kwargs["name"]) if mark else item.path.name
-        if not mark:
-            item.add_marker(pytest.mark.xdist_group(group))
-        cost[group] = cost.get(group, 0) + (SLOW_WEIGHT if item.get_closest_marker("slow") else 1)
-        item.stash[GROUP] = group
-    rank = {g: i for i, g in enumerate(sorted(cost, key=lambda g: -cost[g]))}
-    items.sort(key=lambda item: rank[item.stash[GROUP]])  # stable: a group keeps its order
-
-
-GROUP = pytest.StashKey[str]()
+        mark = item.get_closest_marker("slow")
+        cost[item.path] = cost.get(item.path, 0) + (60 * mark.kwargs.get("minutes", 1) if mark else 1)
+    items.sort(key=lambda item: -cost[item.path])  # stable: a file's tests keep their order

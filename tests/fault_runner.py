@@ -11,7 +11,8 @@ The arguments (the launcher's --local_rank included) go to the script's main unc
 - train_biencoder, rope_bf16                 the rotary buffers are cast to bf16 before the check
   after deepspeed.initialize, as DeepSpeed before 0.19.2 left them.
 - mine_negatives, kill_after_chunks:N        this process dies (SIGKILL) once it has written N chunk
-  files of embeddings: a crash or a preempted node in the middle of embedding.
+  files of embeddings (embedding_cache.py writes them): a crash or a preempted node in the middle
+  of embedding.
 """
 
 import importlib
@@ -52,8 +53,10 @@ def rope_bf16(tb) -> None:
     tb.check_rotary_buffers = check_rotary_buffers
 
 
-def kill_after_chunks(mn, n: int) -> None:
-    atomic_file = mn.atomic_file
+def kill_after_chunks(_, n: int) -> None:
+    import embedding_cache
+
+    atomic_file = embedding_cache.atomic_file
     written = [0]
 
     @contextmanager
@@ -65,7 +68,7 @@ def kill_after_chunks(mn, n: int) -> None:
             if written[0] == n:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    mn.atomic_file = counted
+    embedding_cache.atomic_file = counted
 
 
 def main() -> int:

@@ -357,20 +357,3 @@ def test_mteb_wrapper_on_mock_tasks():
     scores = ev.run_mteb(replicas, [MockRetrievalTask(), MockSTSTask()], "", "", 8, 256)
     assert set(scores) == {"MockRetrievalTask", "MockSTSTask"}
     assert all(0 <= s <= 1 + 1e-6 for s in scores.values())
-
-
-# ----------------------------------------------------------------------------------------------
-# The baseline of data/README.md
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("minilm_scifact")
-def test_scifact_baseline_untouched_minilm(minilm_scifact_cache):
-    """Full SciFact test (300 queries, 5183 documents), through the cache the shipped-negatives test
-    shares (conftest.minilm_scifact_cache): the corpus is embedded once for both."""
-    result = ev.evaluate_beir(
-        minilm_dir(), SCIFACT, query_prompt="", show_progress=False, cache_dir=minilm_scifact_cache
-    )
-    assert result["max_length"] == 256 and result["num_queries"] == 300 and result["num_docs"] == 5183
-    assert result["metrics"]["NDCG@10"] == pytest.approx(0.6497, abs=5e-4)
-    assert result["metrics"]["Recall@100"] == pytest.approx(0.9250, abs=5e-4)

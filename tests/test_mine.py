@@ -568,28 +568,6 @@ def test_killed_during_embedding_resumes_without_redoing_chunks(tmp_path, llama_
     assert len(list(cache.glob("queries-*"))) == 2 and len(list(cache.glob("corpus-*"))) == 1
 
 
-# ----------------------------------------------------------------------------------------------
-# The real run: the negatives shipped in data/scifact (data/README.md: all-MiniLM-L6-v2 at 256
-# tokens, raw queries, TopK-PercPos 95%, 8 per query)
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("minilm_scifact")
-def test_minilm_on_scifact_reproduces_the_shipped_negatives(tmp_path, minilm_scifact_cache):
-    """The corpus embedding goes through the cache the baseline test shares (conftest.minilm_scifact_cache)."""
-    out = tmp_path / "mined"
-    args = ["--model", minilm_dir(), "--num-negatives", 8, "--output-dir", out, "--cache-dir", minilm_scifact_cache]
-    assert run_mine("--data", SCIFACT, *args) == 0
-    stats = json.loads((out / "scifact" / "mining_stats.json").read_text())
-    assert stats["teachers"][0]["max_length"] == 256 and stats["teachers"][0]["query_prompt"] == ""
-    shipped = [[d["id"] for d in x] for x in pq.read_table(SCIFACT / "queries.parquet")["neg_doc"].to_pylist()]
-    mined = [[d["id"] for d in x] for x in pq.read_table(out / "scifact" / "queries.parquet")["neg_doc"].to_pylist()]
-    same = sum(a == b for a, b in zip(shipped, mined, strict=True)) / len(shipped)
-    print(f"SciFact: mined negatives equal to the shipped ones for {same:.2%} of {len(shipped)} queries")
-    assert same >= 0.99
-    assert stats["queries_with_fewer_than_k"] == 0
-
-
 def test_half_precision_cache(tmp_path):
     subset = small_subset(tmp_path / "raw" / "SciFact", num_queries=6, num_docs=60)
     common = ["--data", subset, "--model", minilm_dir(), "--num-negatives", 4, "--max-length", 48]
