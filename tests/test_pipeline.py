@@ -2,8 +2,8 @@
 
 mine (all-MiniLM-L6-v2 as the teacher, 160 SciFact training queries) -> prepare_data.py ->
 stage 1 (recipes/stage1.json, 2 CPU ranks) -> export -> stage 2 (recipes/stage2.json) from the
-stage-1 export, two runs -> export -> merge the two runs. Sizes are cut on the command line; every
-other setting comes from the recipe files.
+stage-1 export -> export -> merge two stage-2 checkpoints (export_hf.py averages runs or checkpoints
+alike). Sizes are cut on the command line; every other setting comes from the recipe files.
 """
 
 import json
@@ -65,18 +65,19 @@ def test_mine_prepare_two_stages_and_merge(tmp_path):
     assert (cfg["lr"], cfg["num_negatives"], cfg["global_batch_size"]) == (1e-5, 1, 16)
     s1_weights = export(s1 / "export", s1)
 
-    # 4. stage 2 from the stage-1 export (the recipe's 4 negatives, lr 2e-6), two runs. Step 1 of the
-    # recipe runs at lr 0, so a 1-step run must end exactly on the weights it started from.
-    a, b = tmp_path / "stage2_a", tmp_path / "stage2_b"
-    cfg = train("stage2.json", s1 / "export", prepared, a, "--max-steps", 1, "--seed", 1)
+    # 4. stage 2 from the stage-1 export (the recipe's 4 negatives, lr 2e-6), 3 steps, a checkpoint at each.
+    # Step 1 of the recipe runs at lr 0, so its checkpoint must hold exactly the weights the run started from.
+    s2 = tmp_path / "stage2"
+    every_step = ["--max-steps", 3, "--save-every", 1, "--keep-checkpoints", 3]
+    cfg = train("stage2.json", s1 / "export", prepared, s2, *every_step)
     assert (cfg["lr"], cfg["num_negatives"], cfg["model"]) == (2e-6, 4, str(s1 / "export"))
-    train("stage2.json", s1 / "export", prepared, b, "--max-steps", 3, "--seed", 2)
-    wa, wb = export(a / "export", a), export(b / "export", b)
+    a, b = s2 / "checkpoints" / "step_00000001", s2 / "checkpoints" / "step_00000003"
+    wa, wb = export(tmp_path / "export_a", a), export(tmp_path / "export_b", b)
     assert wa.keys() == s1_weights.keys()
     assert all((wa[n] == s1_weights[n]).all() for n in wa), "stage 2 did not start from the stage-1 export"
-    assert any(not (wb[n] == s1_weights[n]).all() for n in wb), "stage 2 run b did not train"
+    assert any(not (wb[n] == s1_weights[n]).all() for n in wb), "stage 2 did not train"
 
-    # 5. merge the two stage-2 runs: their parameter-wise average
+    # 5. merge two stage-2 checkpoints (as the paper merges runs): their parameter-wise average
     merged = export(tmp_path / "merged", a, b)
     for n, w in merged.items():
         assert (w - (wa[n] + wb[n]) / 2).abs().max() <= 1e-6, n

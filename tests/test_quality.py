@@ -21,14 +21,15 @@ from tiny_models import REPO
 pytestmark = pytest.mark.slow(minutes=5)
 
 # Measured with this pipeline (steps of 32 queries), 128 tokens with the data's instruction: NDCG@10
-# 0.5968 -> 0.6451 (+0.048) after 8 steps on the whole corpus (5,183 documents); on the sample below
-# 0.7559 -> 0.7870 (+0.031) after 4 steps, 0.7911 (+0.035) after 8.
+# 0.5968 -> 0.6451 (+0.048) after 8 steps on the whole corpus (5,183 documents); after 4 steps on the
+# sample below (500 documents: the 283 judged ones, 217 others) 0.7999 -> 0.8339 (+0.034), and
+# 0.7559 -> 0.7870 (+0.031) on a sample of 1,000.
 # Training and evaluation are deterministic on the CPU; the bar is under a third of the gain on the sample.
 MIN_NDCG_GAIN = 0.01
 # The training's forward (ZeRO-3 engine, packs of --max-tokens-per-gpu) and evaluate.py's (packs of 2,048)
 # add in other orders: the scores may differ in the last bits, the metrics not beyond this.
 TRAINING_VS_EXPORT = 1e-6
-EVAL_MAX_DOCS = 1000
+EVAL_MAX_DOCS = 500
 STEPS = 4
 
 
@@ -44,7 +45,7 @@ def test_quickstart_pipeline_improves_scifact_retrieval(tmp_path):
     results = json.loads((out / "results.json").read_text())
     logged, trained = results["logged"], results["trained"]
     assert trained["num_queries"] == 300 and trained["num_docs"] == EVAL_MAX_DOCS
-    assert trained["sample"] == "sample (seed 0): 1000 of 5183 documents (every judged one, then random others)"
+    assert trained["sample"] == "sample (seed 0): 500 of 5183 documents (every judged one, then random others)"
     assert list(logged) == ["0", str(STEPS)]  # the training evaluated the starting model and the last step
     last = logged[str(STEPS)]
     # what training logged at the last step is evaluate.py's result on the export of that step

