@@ -13,6 +13,9 @@ saves with `engine.save_checkpoint` exactly where train_biencoder.py saves:
 With --probe-out it also embeds a few probe texts with the training-time model (parameters
 gathered from all ranks, the prompt as in training) and saves them: the reference that an
 export must reproduce.
+
+Several runs in one launch (each with its own engine, one after the other): their arguments
+separated by `--then`, e.g. `--model A --output-dir X --then --model B --output-dir Y --bf16`.
 """
 
 import argparse
@@ -46,7 +49,7 @@ PROBE_QUERIES = ["how do bi-encoders pool token states?", "what is ZeRO-3?"]
 PROBE_DOCUMENTS = ["Mean pooling averages the final hidden states.", "ZeRO-3 shards parameters across ranks.", "x"]
 
 
-def parse_args():
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="base model folder (tiny Llama or MiniLM)")
     p.add_argument("--output-dir", required=True)
@@ -58,7 +61,7 @@ def parse_args():
     p.add_argument("--lr", type=float, default=1e-2, help="large, so that the weights move visibly")
     p.add_argument("--probe-out", help="save the training-time model's probe embeddings here (.pt)")
     p.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def random_batch(step, vocab, num_docs=2):
@@ -83,8 +86,20 @@ def save(engine, ckpt_dir: Path, step: int, num_steps: int, loss: float, config:
 
 
 def main():
-    args = parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
+    runs, run = [], []
+    for arg in sys.argv[1:]:
+        if arg == "--then":
+            runs.append(run)
+            run = []
+        else:
+            run.append(arg)
+    for argv in [*runs, run]:
+        write_checkpoint(parse_args(argv))
+
+
+def write_checkpoint(args: argparse.Namespace) -> None:
+    """One run: train args.steps steps, save where train_biencoder.py saves, embed the probe texts."""
     torch.manual_seed(args.seed)
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,
@@ -147,6 +162,7 @@ def main():
                     }
                 torch.save(out, args.probe_out)
         dist.barrier()
+    engine.destroy()
 
 
 if __name__ == "__main__":

