@@ -43,18 +43,23 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+SLOW_DEFAULT_MINUTES = 0.2  # a test marked slow without minutes
+QUICK_MINUTES = 0.005  # a test not marked slow
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (run_tests.sh: -n 2 --dist loadfile --no-loadscope-reorder) a worker runs a
     whole test file, so that a module fixture (a tiny model, a prepared data set, a training run that
     several tests check) is built once, and the files go out in the order of the collection: sorted
     here costliest first, so that the last ones are short and neither worker waits long for the other.
-    A test marked slow counts as the minutes its mark says (slow(minutes=N), default 1), another as a
-    second."""
+    A file costs the sum of its tests' minutes: a test marked slow(minutes=N) N, one marked slow
+    SLOW_DEFAULT_MINUTES, another QUICK_MINUTES. A module fixture's time goes to the tests that share it."""
     if not hasattr(config, "workerinput"):
         return  # a plain run: the usual order
     cost: dict = {}
     for item in items:
         mark = item.get_closest_marker("slow")
-        cost[item.path] = cost.get(item.path, 0) + (60 * mark.kwargs.get("minutes", 1) if mark else 1)
+        minutes = mark.kwargs.get("minutes", SLOW_DEFAULT_MINUTES) if mark else QUICK_MINUTES
+        cost[item.path] = cost.get(item.path, 0) + minutes
     items.sort(key=lambda item: -cost[item.path])  # stable: a file's tests keep their order

@@ -50,7 +50,7 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("bench")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=1)
 def test_cpu_command_end_to_end(workdir, tmp_path):
     """The README's CPU command: tiny shape, 2 timed steps, ours + reference + st, with --build-from-config:
     the weights built under deepspeed.zero.Init from config.json, as for 1b / 8b. (The tiny shape's own
@@ -116,7 +116,7 @@ def test_gpu_check_script_runs_its_checks_on_the_cpu():
     assert lines[2].startswith("CHECK causal_teacher PASS min cosine packed vs alone")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=0.6)
 def test_mine_benchmark_compares_equal_embeddings_and_negatives(tmp_path):
     """bench/bench_mine.py at a small size: every text list is embedded by both sides with the same
     result, and the blocked search finds the full matrix's negatives."""
@@ -140,7 +140,7 @@ def test_mine_benchmark_compares_equal_embeddings_and_negatives(tmp_path):
     assert search["queries_with_same_negatives"] >= 0.99
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=1)
 def test_mine_scale_benchmark_small(tmp_path):
     """bench/bench_mine.py --scale at a tiny size: the miner's CLI on 2 ranks under the launcher reports
     every stage, each rank's peak RSS and the memory model's; the 2-node simulation (two launches, two
@@ -328,7 +328,7 @@ def test_run_gpu_usage(tmp_path):
     assert res.returncode == 2 and "usage: bash bench/run_gpu.sh check|bench" in res.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=1.3)
 def test_run_gpu_bench_reports_a_failing_variant_and_runs_the_others(tmp_path):
     """run_gpu.sh bench on the CPU (tiny shape) with sentence-transformers broken (a package of that
     name that fails on import, first on PYTHONPATH): st is a FAIL with its error, ours still runs and is

@@ -129,6 +129,10 @@ def test_pickles_with_foreign_objects_are_refused(tmp_path):
         export_hf.load_pickle(tmp_path / "cut.pt")
 
 
+# The checks of real checkpoints: about 2.5 minutes for their 30 tests, most of it the launch they share
+slow = pytest.mark.slow(minutes=0.1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Real checkpoints: one DeepSpeed launch writing three runs, shared by the module
 
@@ -203,7 +207,7 @@ def mean_pool(hidden, mask):
 # Tensors
 
 
-@pytest.mark.slow
+@slow
 @pytest.mark.parametrize("run,export,dtype", [("a", "a32", torch.float32), ("b", "b16", torch.bfloat16)])
 def test_tensors_equal_deepspeed_zero_to_fp32(runs, exports, run, export, dtype):
     ref = zero_to_fp32(runs[run][0])
@@ -214,7 +218,7 @@ def test_tensors_equal_deepspeed_zero_to_fp32(runs, exports, run, export, dtype)
         assert torch.equal(got[name], t.to(dtype)), name
 
 
-@pytest.mark.slow
+@slow
 def test_bert_tensors_equal_deepspeed_zero_to_fp32(runs, exports):
     ref = zero_to_fp32(runs["bert"][0])
     got = export_tensors(exports["bert32"])
@@ -230,7 +234,7 @@ def test_bert_tensors_equal_deepspeed_zero_to_fp32(runs, exports):
 # Format
 
 
-@pytest.mark.slow
+@slow
 def test_llama_export_has_the_reference_format(runs, exports):
     path = exports["a32"]
     config = json.loads((path / "config.json").read_text())
@@ -280,7 +284,7 @@ def probe_batch(probe, tokenizer):
     return tokenizer(texts, padding=True, return_tensors="pt")
 
 
-@pytest.mark.slow
+@slow
 @pytest.mark.parametrize("export,run,tol", [("a32", "a", 1e-5), ("b16", "b", 1e-2)])
 def test_transformers_remote_code_gives_training_embeddings(runs, exports, export, run, tol):
     from transformers import AutoModel, AutoTokenizer
@@ -297,7 +301,7 @@ def test_transformers_remote_code_gives_training_embeddings(runs, exports, expor
     torch.testing.assert_close(emb, ref, atol=tol, rtol=0)
 
 
-@pytest.mark.slow
+@slow
 @pytest.mark.parametrize("export,run,tol", [("a32", "a", 1e-5), ("b16", "b", 1e-2), ("bert32", "bert", 1e-5)])
 def test_sentence_transformers_gives_training_embeddings(runs, exports, export, run, tol):
     from sentence_transformers import SentenceTransformer
@@ -310,7 +314,7 @@ def test_sentence_transformers_gives_training_embeddings(runs, exports, export, 
     torch.testing.assert_close(d, probe["document"], atol=tol, rtol=0)
 
 
-@pytest.mark.slow
+@slow
 @pytest.mark.parametrize("export,run,tol", [("a32", "a", 1e-5), ("b16", "b", 1e-2), ("bert32", "bert", 1e-5)])
 def test_biencoder_loads_export_with_training_embeddings(runs, exports, export, run, tol):
     from model import BiEncoder
@@ -337,7 +341,7 @@ def first_token_state(model, seq, padded):
         return model(input_ids=ids, attention_mask=mask).last_hidden_state[0, 0]
 
 
-@pytest.mark.slow
+@slow
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_remote_code_model_is_bidirectional(exports, impl, padded):
@@ -354,7 +358,7 @@ def test_remote_code_model_is_bidirectional(exports, impl, padded):
     torch.testing.assert_close(first_token_state(causal, seq, padded), first_token_state(causal, changed, padded))
 
 
-@pytest.mark.slow
+@slow
 def test_loading_without_remote_code_as_documented(exports):
     """The model card's recipe (LlamaModel + is_causal = False) gives the remote-code model's states."""
     from transformers import AutoModel, LlamaConfig, LlamaModel
@@ -375,7 +379,7 @@ def test_loading_without_remote_code_as_documented(exports):
 # Merging
 
 
-@pytest.mark.slow
+@slow
 def test_merge_equals_average_by_hand(runs, exports, tmp_path):
     a, b = runs["a"][0], runs["b"][0]
     ta, tb = zero_to_fp32(a), zero_to_fp32(b)
@@ -396,7 +400,7 @@ def test_merge_equals_average_by_hand(runs, exports, tmp_path):
     assert "average" in (tmp_path / "m" / "README.md").read_text()
 
 
-@pytest.mark.slow
+@slow
 def test_merge_refuses_different_architectures(runs, tmp_path, capsys):
     status = run_export("--checkpoint", runs["a"][0], runs["bert"][0], "--output-dir", tmp_path / "m")
     assert status == USER_ERROR_STATUS
@@ -408,7 +412,7 @@ def test_merge_refuses_different_architectures(runs, tmp_path, capsys):
 # The command line, verification and bad input
 
 
-@pytest.mark.slow
+@slow
 def test_cli_defaults_write_run_export(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs["a"][0] / "checkpoints", run / "checkpoints")
@@ -422,7 +426,7 @@ def test_cli_defaults_write_run_export(runs, tmp_path):
     assert not list(tmp_path.glob("run/export.tmp-*"))
 
 
-@pytest.mark.slow
+@slow
 def test_verify_only_accepts_a_good_export_and_catches_damage(exports, tmp_path, capsys):
     assert run_export("--verify-only", exports["a32"]) == 0
     # One changed weight
@@ -451,7 +455,7 @@ def partial_run(runs, tmp_path, damage):
     return run
 
 
-@pytest.mark.slow
+@slow
 @pytest.mark.parametrize(
     "case,message",
     [
@@ -490,7 +494,7 @@ def test_bad_checkpoints_fail_cleanly(runs, tmp_path, capsys, case, message):
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
 
 
-@pytest.mark.slow
+@slow
 def test_existing_output_needs_overwrite(runs, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -503,7 +507,7 @@ def test_existing_output_needs_overwrite(runs, tmp_path, capsys):
     assert not list(tmp_path.glob("out.*"))
 
 
-@pytest.mark.slow
+@slow
 def test_full_disk_leaves_nothing_behind(runs, tmp_path):
     """Writes beyond RLIMIT_FSIZE fail like a full disk (Python ignores SIGXFSZ: write() raises)."""
 

@@ -493,7 +493,7 @@ def read_mined(out: Path) -> tuple[list, list]:
     return [[d["id"] for d in x] for x in t["neg_doc"].to_pylist()], t["neg_scores"].to_pylist()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=0.4)
 def test_two_ranks_give_the_negatives_of_one(tmp_path, llama_tokenizer_path):
     subset = small_subset(tmp_path / "raw" / "SciFact", num_queries=20, num_docs=120)
     teacher = save_tiny_llama(tmp_path / "tiny_llama")
@@ -510,7 +510,7 @@ def test_two_ranks_give_the_negatives_of_one(tmp_path, llama_tokenizer_path):
     assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(s1, s2, strict=True))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=0.3)
 def test_ranks_that_cannot_share_the_cache_folder_all_stop_with_a_message(tmp_path):
     """On several nodes the cache folder must be on a shared filesystem. Two nodes with their own
     disks (two launches from two working directories, a relative --cache-dir): both ranks stop before
@@ -527,7 +527,7 @@ def test_ranks_that_cannot_share_the_cache_folder_all_stop_with_a_message(tmp_pa
     assert not (nodes.dirs[1] / "cache").exists() or list((nodes.dirs[1] / "cache").iterdir()) == []
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=0.6)
 def test_killed_during_embedding_resumes_without_redoing_chunks(tmp_path, llama_tokenizer_path):
     subset = small_subset(tmp_path / "raw" / "SciFact", num_queries=20, num_docs=120)
     teacher = save_tiny_llama(tmp_path / "tiny_llama")

@@ -21,7 +21,7 @@ import prepare_data
 from common import run_cli
 from tiny_models import REPO, deepspeed_launcher, free_port, minilm_dir
 
-pytestmark = pytest.mark.slow(minutes=3)
+pytestmark = pytest.mark.slow(minutes=2)
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 SMALL = ["--deepspeed", str(REPO / "ds_configs" / "zero3_fp32.json"), "--global-batch-size", "16",

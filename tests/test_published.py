@@ -16,7 +16,7 @@ from test_mine import run_mine
 import evaluate as ev
 from tiny_models import REPO, minilm_dir
 
-pytestmark = pytest.mark.slow(minutes=5)
+pytestmark = pytest.mark.slow(minutes=4)
 
 
 @pytest.fixture(scope="module")

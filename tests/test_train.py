@@ -25,7 +25,7 @@ from dataset import PreparedData
 from model import BiEncoder, contrastive_loss, pack
 from tiny_models import REPO, TwoNodes, copy_minilm, deepspeed_launcher, free_port, save_tiny_llama, tiny_llama
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=0.3)  # the module's launches, about 6 minutes, shared by its 21 tests
 
 SCIFACT = REPO / "data" / "scifact"  # ships with the repository
 
