@@ -129,12 +129,11 @@ def test_pickles_with_foreign_objects_are_refused(tmp_path):
         export_hf.load_pickle(tmp_path / "cut.pt")
 
 
-# The checks of real checkpoints: about 2.5 minutes for their 30 tests, most of it the launch they share
-slow = pytest.mark.slow(minutes=0.1)
-
-
 # ----------------------------------------------------------------------------------------------
 # Real checkpoints: one DeepSpeed launch writing three runs, shared by the module
+
+# The checks of real checkpoints: about 2.5 minutes for their 30 tests, most of it the launch they share
+slow = pytest.mark.slow(minutes=0.1)
 
 
 def deepspeed_runs(root: Path, runs: dict[str, tuple[Path, list]]) -> dict[str, tuple[Path, dict]]:

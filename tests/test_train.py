@@ -36,15 +36,20 @@ FP32_ZERO3 = {
 }
 
 
-def scifact_subset(dst: Path, num_queries: int) -> Path:
-    """The first `num_queries` SciFact training queries, in the embed-nemotron layout."""
+def scifact_subset(dst: Path, num_queries: int, **metadata) -> Path:
+    """The first `num_queries` SciFact training queries, in the embed-nemotron layout; `metadata`:
+    fields of dataset_metadata.json to add or replace."""
     import pyarrow.parquet as pq
 
     dst.mkdir(parents=True)
     queries = pq.read_table(SCIFACT / "queries.parquet").slice(0, num_queries)
     pq.write_table(queries, dst / "queries.parquet")
     (dst / "corpus.parquet").symlink_to(SCIFACT / "corpus.parquet")
-    (dst / "dataset_metadata.json").symlink_to(SCIFACT / "dataset_metadata.json")
+    if metadata:
+        meta = json.loads((SCIFACT / "dataset_metadata.json").read_text())
+        (dst / "dataset_metadata.json").write_text(json.dumps({**meta, **metadata}))
+    else:
+        (dst / "dataset_metadata.json").symlink_to(SCIFACT / "dataset_metadata.json")
     return dst
 
 
@@ -324,10 +329,8 @@ def causal_lm_runs(setup, tmp_path_factory) -> dict:
     0.19.2 left them), once clean."""
     root = tmp_path_factory.mktemp("causal_lm")
     base = save_causal_lm(root / "llama31")
-    raw = scifact_subset(root / "raw" / "SciFact", 16)
-    meta = json.loads((SCIFACT / "dataset_metadata.json").read_text())
-    (raw / "dataset_metadata.json").unlink()
-    (raw / "dataset_metadata.json").write_text(json.dumps({**meta, "passage_instruction": PASSAGE_INSTRUCTION}))
+    raw = scifact_subset(root / "raw" / "SciFact", 16, passage_instruction=PASSAGE_INSTRUCTION)
+    meta = json.loads((raw / "dataset_metadata.json").read_text())
     data = prepare(root / "raw", "SciFact", base, root / "prepared", 64)
     bf16 = {**setup, "root": root, "model": base, "data": data, "ds": REPO / "ds_configs" / "zero3_bf16.json"}
     args = ["--max-steps", "2", "--save-every", "1"]
