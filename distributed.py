@@ -38,6 +38,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def end_process_group() -> None:
+    """At the end of a run that succeeded: release the process group while the interpreter is still
+    whole. Left to the exit, gloo's worker threads can be torn down still joinable, and a rank that has
+    finished its work aborts ("terminate called without an active exception", exit status 250 under
+    the launcher). Not after an error: another rank may still wait in a collective."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def log0(*args) -> None:
     if rank() == 0:
         tqdm.write(" ".join(str(a) for a in args))

@@ -50,7 +50,17 @@ import torch
 import torch.distributed as dist
 
 from common import UserError, atomic_dir, atomic_file, load_pretrained, run_cli, write_atomic
-from distributed import barrier, broadcast, check_shared_folder, gather, local_rank, log0, rank, world_size
+from distributed import (
+    barrier,
+    broadcast,
+    check_shared_folder,
+    end_process_group,
+    gather,
+    local_rank,
+    log0,
+    rank,
+    world_size,
+)
 from embedding_cache import CHUNK_SIZE, STORAGE, TextColumn, embed_cached, model_identity
 from options import option, parse_config
 from retrieval import as_float, search
@@ -877,6 +887,7 @@ def main(argv=None) -> int:
         (write_subset if task.kind == "subset" else write_jsonl)(task, res, out)
         stats["seconds"]["write"] = round(time.perf_counter() - t2, 2)
         print_summary(stats)
+    end_process_group()
     return 0  # the other ranks end without waiting for rank 0's write (no barrier, no collective timeout)
 
 

@@ -52,6 +52,7 @@ from distributed import (
     barrier,
     broadcast,
     check_shared_folder,
+    end_process_group,
     gather,
     local_rank,
     log0,
@@ -847,6 +848,7 @@ def main(argv=None):
             save_checkpoint(engine, cfg, step, num_steps, final_loss, data.meta, node_local, best)
     bar.close()
     log0(f"done: {last_step} steps, final loss {final_loss}, checkpoints in {Path(cfg.output_dir) / CKPT_DIR}")
+    end_process_group()
 
 
 def train_step(engine, data, cfg: TrainConfig, queries: np.ndarray, lengths: np.ndarray, device) -> tuple:

@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import write_atomic  # noqa: E402
 from dataset import ARRAYS  # noqa: E402
+from distributed import end_process_group  # noqa: E402
 from model import BiEncoder, contrastive_loss, pack  # noqa: E402
 from train_biencoder import train_state  # noqa: E402
 
@@ -96,6 +97,7 @@ def main():
             run.append(arg)
     for argv in [*runs, run]:
         write_checkpoint(parse_args(argv))
+    end_process_group()
 
 
 def write_checkpoint(args: argparse.Namespace) -> None:
