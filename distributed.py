@@ -1,23 +1,131 @@
-"""The ranks of a job launched by `deepspeed` (or torchrun), for the scripts that run under it.
+"""The ranks of a job launched by `deepspeed` (or torchrun, mpirun, srun), for the scripts that run under it.
 
-One definition of who this process is (rank, world size, node), of rank-0 logging, and of the
-check that every rank sees a folder through which the ranks hand files over: on several nodes a
-path names a different folder on each node unless it lies on a filesystem that every node mounts.
-torch.distributed only (no DeepSpeed): the miner runs under the launcher without an engine.
+One definition of who this process is (rank, world size, node) before and after the process group
+exists, of the GPU it drives, of rank-0 logging, and of the check that every rank sees a folder
+through which the ranks hand files over: on several nodes a path names a different folder on each
+node unless it lies on a filesystem that every node mounts. torch.distributed only (no DeepSpeed):
+the miner runs under the launcher without an engine.
 """
 
+import importlib.util
 import os
 import secrets
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from common import UserError
 
 PROBE_WAIT_S = 10  # how long a rank looks for rank 0's probe file before it reports that it cannot see it
+
+
+# How each launcher tells a process who it is: (launcher, world size, rank, local rank, ranks on the node).
+# The first row whose world size and rank are both set wins; torch's names first, so that the deepspeed
+# launcher or torchrun inside a Slurm allocation or an MPI job is still read from its own variables.
+LAUNCHER_VARIABLES = (
+    ("deepspeed / torchrun", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+    ("Open MPI", *(f"OMPI_COMM_WORLD_{v}" for v in ("SIZE", "RANK", "LOCAL_RANK", "LOCAL_SIZE"))),
+    ("MVAPICH", *(f"MV2_COMM_WORLD_{v}" for v in ("SIZE", "RANK", "LOCAL_RANK", "LOCAL_SIZE"))),
+    ("Intel MPI / MPICH", "PMI_SIZE", "PMI_RANK", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    # SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: only srun sets it, so a plain `python` in a batch script
+    # that asked for 8 tasks is one process, not rank 0 of 8 waiting for 7 that never come.
+    ("Slurm srun", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID", None),
+)
+SUPPORTED_LAUNCHES = (
+    "deepspeed --num_gpus N | --hostfile (pdsh), torchrun, or an MPI / Slurm launch (deepspeed --launcher "
+    "openmpi|mvapich|mpich|impi|slurm, mpirun, srun) with MASTER_ADDR and MASTER_PORT exported to every rank"
+)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Who this process is, as its launcher said, before any process group exists."""
+
+    launcher: str  # "none" for a plain `python script.py`
+    world: int
+    rank: int
+    local_rank: int
+    local_world: int | None  # ranks on this node, where the launcher says
+
+
+def launch_env(environ=None) -> Launch:
+    """This process's place in the job from the launcher's variables (LAUNCHER_VARIABLES).
+
+    The deepspeed launcher and torchrun set WORLD_SIZE, RANK and LOCAL_RANK; mpirun and srun (also under
+    `deepspeed --launcher openmpi|mvapich|slurm|...`) set only their own, and DeepSpeed would learn the
+    world size from them inside init_distributed, too late for the batch arithmetic and the checks that
+    run first. Without any launcher: one process, or `WORLD_SIZE=8 python train_biencoder.py --dry-run`
+    (rank 0 of a planned world)."""
+    env = os.environ if environ is None else environ
+    for launcher, world, rank_, local, local_world in LAUNCHER_VARIABLES:
+        if world in env and rank_ in env:
+            lw = env.get(local_world) if local_world else None
+            return Launch(launcher, int(env[world]), int(env[rank_]), int(env.get(local, 0)), int(lw) if lw else None)
+    # The MPICH and Intel MPI runners of DeepSpeed export WORLD_SIZE but leave the rank to PMI_RANK (above).
+    return Launch("none", int(env.get("WORLD_SIZE", "1")), 0, 0, None)
+
+
+def adopt_launch(launch: Launch) -> None:
+    """Export the launch as torch's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) where the
+    launcher did not set them, so that torch, DeepSpeed and this module agree on it."""
+    if launch.launcher == "none":
+        return
+    env = {"RANK": launch.rank, "WORLD_SIZE": launch.world, "LOCAL_RANK": launch.local_rank}
+    if launch.local_world:
+        env["LOCAL_WORLD_SIZE"] = launch.local_world
+    for key, value in env.items():
+        os.environ.setdefault(key, str(value))
+
+
+def mpi4py_installed() -> bool:
+    return importlib.util.find_spec("mpi4py") is not None
+
+
+def check_rendezvous(launch: Launch, mpi_discovery: bool) -> None:
+    """Stop with one line, before any process group is started, when the ranks cannot find each other.
+
+    mpi_discovery: the caller starts the group through deepspeed.init_distributed, which finds
+    MASTER_ADDR/MASTER_PORT itself through mpi4py when they are missing; the miner's plain gloo group
+    cannot. Without either, torch would wait for its rendezvous until its timeout."""
+    if launch.world == 1 or ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        return
+    if mpi_discovery and launch.launcher != "none" and mpi4py_installed():
+        return
+    if launch.launcher == "none":
+        raise UserError(
+            f"WORLD_SIZE={launch.world} but no launcher started this process (no rank given); "
+            f"WORLD_SIZE without a launcher is only for --dry-run. Supported launches: {SUPPORTED_LAUNCHES}"
+        )
+    raise UserError(
+        f"launched by {launch.launcher} ({launch.world} ranks) without MASTER_ADDR and MASTER_PORT: export both to "
+        "every rank (the first node's address and a free port, e.g. mpirun -x MASTER_ADDR=node1 -x MASTER_PORT=29500)"
+        + (", or install mpi4py for DeepSpeed's MPI discovery" if mpi_discovery else "")
+        + f". Supported launches: {SUPPORTED_LAUNCHES}"
+    )
+
+
+def set_device(launch: Launch) -> torch.device:
+    """Make this rank's GPU (cuda:LOCAL_RANK) current, before the process group exists.
+
+    deepspeed.init_distributed binds NCCL's group to cuda:LOCAL_RANK (device_id) but does not make that
+    device current, and torch.distributed's object collectives (all_gather_object, broadcast_object_list:
+    the checks before the engine is built) put their bytes on the current device: every rank would send
+    from cuda:0, and NCCL stops. torchrun's documentation sets the device first for the same reason."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if launch.local_rank >= count:
+        raise UserError(
+            f"rank {launch.rank} has local rank {launch.local_rank} but sees {count} GPU(s): start one process per GPU "
+            "with every GPU of the node visible to each (no per-process CUDA_VISIBLE_DEVICES)"
+        )
+    torch.cuda.set_device(launch.local_rank)
+    return torch.device("cuda", launch.local_rank)
 
 
 def rank() -> int:

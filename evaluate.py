@@ -50,7 +50,6 @@ MTEB's embeddings are not cached. mteb is imported only when --mteb is given.
 import argparse
 import copy
 import json
-import os
 import sys
 import threading
 import time
@@ -62,6 +61,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common import UserError, load_pretrained, resolve_device, run_cli, write_atomic
+from distributed import launch_env
 from embedding_cache import embed_cached, model_identity
 from hf_files import prompt_pair
 from model import BiEncoder
@@ -354,8 +354,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-tokens",
         type=int,
-        help="token budget per forward pass: as many texts as fit (at most --batch-size); unset: 2048 on the CPU "
-        "(faster there), --batch-size texts on GPUs",
+        help="token budget per forward pass: as many texts as fit (at most --batch-size; a longer text alone); "
+        "unset: 2048 on the CPU (faster there), 32768 on GPUs (bounds a forward's memory at any --max-length)",
     )
     p.add_argument("--max-queries", type=int, help="score a fixed sample of this many queries (seed 0); unset: all")
     p.add_argument(
@@ -381,8 +381,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"{', '.join(bad)} must be positive")
     if args.mteb and (args.max_queries or args.max_docs):
         p.error("--max-queries / --max-docs sample the --beir set; MTEB tasks are run whole")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        p.error("run evaluate.py with plain `python` (it uses every visible GPU itself), not torchrun/deepspeed")
+    if launch_env().world > 1:
+        p.error("run evaluate.py with plain `python` (it uses every visible GPU itself), not under a launcher")
     return args
 
 

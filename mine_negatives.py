@@ -51,14 +51,18 @@ import torch.distributed as dist
 
 from common import UserError, atomic_dir, atomic_file, load_pretrained, run_cli, write_atomic
 from distributed import (
+    adopt_launch,
     barrier,
     broadcast,
+    check_rendezvous,
     check_shared_folder,
     end_process_group,
     gather,
+    launch_env,
     local_rank,
     log0,
     rank,
+    set_device,
     world_size,
 )
 from embedding_cache import CHUNK_SIZE, STORAGE, TextColumn, embed_cached, model_identity
@@ -166,13 +170,15 @@ def parse_args(argv=None) -> MineConfig:
 
 
 def init_distributed() -> torch.device:
-    """gloo process group when launched with several ranks (`deepspeed --num_gpus N`); this rank's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    """gloo process group when launched with several ranks (`deepspeed --num_gpus N`, torchrun, mpirun or
+    srun with MASTER_ADDR/MASTER_PORT); this rank's device, made current first."""
+    launch = launch_env()
+    adopt_launch(launch)
+    check_rendezvous(launch, mpi_discovery=False)
+    device = set_device(launch)
+    if launch.world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # barriers and small objects only: no GPU collectives needed
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,14 +557,11 @@ def share_task(cfg: MineConfig, folder: Path) -> tuple[Task | None, SharedTask]:
     return task, SharedTask(meta["name"], *texts, *arrays)
 
 
-GPU_PACK_TOKENS = 32768  # --max-tokens unset, on GPUs
-
-
 def pack_tokens(cfg: MineConfig, device: torch.device) -> int:
-    """Tokens per packed forward: --max-tokens, else 32768 on GPUs and CPU_PACK_TOKENS on the CPU."""
+    """Tokens per packed forward: --max-tokens, else the device's default (model.biencoder.pack_budget)."""
     from model.biencoder import pack_budget
 
-    return pack_budget(cfg.max_tokens, device, GPU_PACK_TOKENS)
+    return pack_budget(cfg.max_tokens, device)
 
 
 def embed_teacher(enc, t: Teacher, texts: TextColumn | list[str], role: str, cfg: MineConfig, cache_root: Path):

@@ -49,14 +49,18 @@ from batches import collate, epoch_order, example_lengths, split_step
 from common import UserError, load_pretrained, read_json_file, run_cli, write_atomic
 from dataset import PreparedData, data_fingerprint, data_summary, subset_prompts
 from distributed import (
+    adopt_launch,
     barrier,
     broadcast,
+    check_rendezvous,
     check_shared_folder,
     end_process_group,
     gather,
+    launch_env,
     local_rank,
     log0,
     rank,
+    set_device,
     stop_unless_all,
     where,
     world_size,
@@ -712,14 +716,14 @@ def remove_cpu_shm_buffer() -> None:
     cpu_shm_buffer().unlink(missing_ok=True)
 
 
-def setup_cuda():
-    """Allocator settings and the attention kernel, said once, before any CUDA memory is used."""
+def setup_cuda(announce: bool):
+    """Allocator settings and the attention kernel (said when `announce`), before any CUDA memory is used."""
     # Every packed micro-batch has another length: expandable segments let the caching allocator grow
     # a block instead of leaving fragments of every past shape. A user's own setting wins.
     if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     kernel = packed_kernel_name()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if announce:
         print(f"packed attention kernel: {kernel}", flush=True)
         if "fallback" in kernel:
             print(
@@ -732,7 +736,9 @@ def setup_cuda():
 
 def main(argv=None):
     cfg = parse_config(argv)
-    W = int(os.environ.get("WORLD_SIZE", "1"))  # set by the deepspeed launcher on every rank
+    launch = launch_env()  # world size and rank from the launcher's variables, before any process group
+    adopt_launch(launch)
+    W = launch.world
     data, model_config = check_inputs(cfg, W)  # user errors surface here, before any GPU work
     ds_config = build_ds_config(cfg, W, model_config)
     steps_per_epoch = math.ceil(len(data) / cfg.global_batch_size)
@@ -742,14 +748,17 @@ def main(argv=None):
     lengths = example_lengths(data, cfg.num_negatives)
     check_eval_options(cfg, data.meta, model_config)
     if cfg.dry_run:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launch.rank == 0:
             print_plan(cfg, data, model_config, ds_config, W, lengths, T)
         return
+    check_rendezvous(launch, mpi_discovery=True)
+    set_device(launch)  # before the process group: NCCL's first object collective runs on the current device
     if torch.cuda.is_available():
-        setup_cuda()
+        setup_cuda(announce=launch.rank == 0)
     deepspeed.init_distributed()
     atexit.register(remove_cpu_shm_buffer)
-    assert world_size() == W, (world_size(), W)
+    if world_size() != W:
+        raise UserError(f"the launcher said {W} ranks ({launch.launcher}), the process group has {world_size()}")
     node_local = node_local_checkpoints(ds_config)
     check_run_folder(cfg, node_local, data)
     resume_from = find_resume_point(cfg, data)  # (tag, state) or None; every check before the model loads

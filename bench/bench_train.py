@@ -79,7 +79,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: E402
 import train_biencoder as tb  # noqa: E402
 from common import UserError, run_cli  # noqa: E402
 from dataset import PreparedData  # noqa: E402
-from distributed import log0, rank, world_size  # noqa: E402
+from distributed import launch_env, log0, rank, set_device, world_size  # noqa: E402
 from model import BiEncoder, check_vocab_covers_tokenizer, contrastive_loss  # noqa: E402
 from plan import activation_bytes_per_token  # noqa: E402  (used only as a ratio between shapes here)
 
@@ -823,8 +823,7 @@ def print_report(report: dict):
 def main(argv=None):
     cfg = parse_config(argv)
     alone = single_process_env()
-    if CUDA:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    set_device(launch_env())  # before the process group, as train_biencoder.py does
     deepspeed.init_distributed()
     atexit.register(tb.remove_cpu_shm_buffer)  # DeepSpeed leaves its CPU allreduce buffer in /dev/shm
     W = world_size()

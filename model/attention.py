@@ -78,13 +78,18 @@ def _varlen_kernel() -> tuple:
             return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=causal)
 
         return "flash-attn flash_attn_varlen_func", run
-    except ImportError:
-        pass
+    except ModuleNotFoundError as e:
+        if e.name != "flash_attn":  # flash_attn is there but one of its own imports is not
+            why = f"flash-attn not used: {type(e).__name__}: {e}"
+        else:
+            why = "flash-attn not installed"
+    except Exception as e:  # noqa: BLE001  a broken build (undefined CUDA symbol, ABI mismatch, ...): not a reason to stop
+        why = f"flash-attn not used: {type(e).__name__}: {str(e)[:200]}"
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return f"per-segment SDPA (slow fallback: torch {torch.__version__} has no varlen_attn)", None
-    return f"torch.nn.attention.varlen.varlen_attn (torch {torch.__version__})", adapt_varlen(varlen_attn)
+        return f"per-segment SDPA (slow fallback: torch {torch.__version__} has no varlen_attn; {why})", None
+    return f"torch.nn.attention.varlen.varlen_attn (torch {torch.__version__}; {why})", adapt_varlen(varlen_attn)
 
 
 def packed_kernel_name() -> str:

@@ -345,3 +345,35 @@ def test_encode_by_token_budget_equals_encode_by_count(llama_tokenizer_path, tmp
     by_count = enc.encode(texts, batch_size=3, max_length=64)
     by_tokens = enc.encode(texts, batch_size=None, max_tokens=70, max_length=64)
     torch.testing.assert_close(by_tokens, by_count, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        ("raise OSError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')", "OSError: flash_attn_2"),
+        ("import flash_attn_2_cuda_missing_part", "ModuleNotFoundError: No module named 'flash_attn_2_cuda"),
+        ("raise RuntimeError('compiled for another CUDA')", "RuntimeError: compiled for another CUDA"),
+        (None, "flash-attn not installed"),
+    ],
+)
+def test_a_broken_flash_attn_falls_back_to_torch_varlen_and_says_why(body, why, tmp_path, monkeypatch):
+    """Any failure to import flash-attn (a build for another torch or CUDA is common) picks torch's varlen
+    kernel instead of stopping every run, and the kernel line names the failure."""
+    import sys
+
+    import model.attention as attention
+
+    if body is None:
+        monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn -> ModuleNotFoundError
+    else:
+        (tmp_path / "flash_attn").mkdir()
+        (tmp_path / "flash_attn" / "__init__.py").write_text(body + "\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    attention._varlen_kernel.cache_clear()
+    try:
+        name, run = attention._varlen_kernel()
+    finally:
+        attention._varlen_kernel.cache_clear()
+    assert name.startswith("torch.nn.attention.varlen.varlen_attn") and run is not None, name
+    assert why in name, name

@@ -429,6 +429,133 @@ def run_main(monkeypatch, args, world_size=2) -> int:
     return run_cli(tb.main, [str(a) for a in args])
 
 
+class ProcessGroupStarted(Exception):
+    """Raised by a fake deepspeed.init_distributed / dist.init_process_group: what ran before it is the test."""
+
+
+def fake_cuda(monkeypatch, calls: list, gpus: int = 8) -> None:
+    """torch.cuda as on a node of `gpus` GPUs: setting the device is recorded in `calls`, nothing is allocated."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", lambda s: calls.append(("allocator", s)))
+
+
+def launch_as(monkeypatch, **env) -> None:
+    """This process's environment as a launcher would set it (and none of the launchers' other variables)."""
+    from distributed import LAUNCHER_VARIABLES
+
+    names = [var for row in LAUNCHER_VARIABLES for var in row[1:] if var] + ["MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE"]
+    for var in names:  # set, then deleted: monkeypatch restores them, also after the code under test set them
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+
+
+def test_each_rank_sets_its_gpu_before_the_process_group_starts(setup, tmp_path, monkeypatch):
+    """NCCL: object collectives run on the CURRENT device, and the checks before the engine use them; so
+    rank 3 of 8 must make cuda:3 current before deepspeed.init_distributed (fake CUDA, fake group start)."""
+    calls = []
+    fake_cuda(monkeypatch, calls)
+
+    def init_distributed(*args, **kwargs):
+        calls.append(("init_distributed",))
+        raise ProcessGroupStarted
+
+    monkeypatch.setattr(tb.deepspeed, "init_distributed", init_distributed)
+    launch_as(monkeypatch, RANK=3, LOCAL_RANK=3, WORLD_SIZE=8, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500)
+    args = ["--model", setup["model"], "--data", setup["data"], "--deepspeed", setup["ds"], "--global-batch-size", 8]
+    with pytest.raises(ProcessGroupStarted):
+        tb.main([str(a) for a in [*args, "--output-dir", tmp_path / "out"]])
+    assert ("set_device", 3) in calls and calls.index(("set_device", 3)) < calls.index(("init_distributed",)), calls
+
+    # the miner: its gloo group carries only small objects, but the device is made current first all the same
+    import mine_negatives
+
+    calls.clear()
+    monkeypatch.setattr(mine_negatives.dist, "init_process_group", lambda *a, **k: calls.append(("init_group",)))
+    launch_as(monkeypatch, RANK=5, LOCAL_RANK=5, WORLD_SIZE=8, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500)
+    assert mine_negatives.init_distributed() == torch.device("cuda", 5)
+    assert calls == [("set_device", 5), ("init_group",)], calls
+
+    # a local rank beyond the GPUs it sees (a per-process CUDA_VISIBLE_DEVICES): one clear line
+    calls.clear()
+    fake_cuda(monkeypatch, calls, gpus=1)
+    with pytest.raises(UserError, match="local rank 5 but sees 1 GPU"):
+        mine_negatives.init_distributed()
+
+
+@pytest.mark.parametrize(
+    "launcher, env, want",
+    [
+        ("deepspeed", dict(WORLD_SIZE=16, RANK=9, LOCAL_RANK=1, LOCAL_WORLD_SIZE=8), (16, 9, 1, 8)),
+        ("openmpi", {f"OMPI_COMM_WORLD_{k}": v for k, v in dict(SIZE=16, RANK=9, LOCAL_RANK=1, LOCAL_SIZE=8).items()},
+         (16, 9, 1, 8)),  # fmt: skip
+        ("mvapich", {f"MV2_COMM_WORLD_{k}": v for k, v in dict(SIZE=16, RANK=9, LOCAL_RANK=1, LOCAL_SIZE=8).items()},
+         (16, 9, 1, 8)),  # fmt: skip
+        # DeepSpeed's MPICH / Intel MPI runners export WORLD_SIZE; the rank comes from Hydra's PMI
+        ("mpich", dict(WORLD_SIZE=16, PMI_SIZE=16, PMI_RANK=9, MPI_LOCALRANKID=1, MPI_LOCALNRANKS=8), (16, 9, 1, 8)),
+        ("slurm", dict(SLURM_NTASKS=16, SLURM_STEP_NUM_TASKS=16, SLURM_PROCID=9, SLURM_LOCALID=1), (16, 9, 1, None)),
+        # the deepspeed launcher inside a Slurm allocation: its own variables win
+        ("deepspeed in slurm", dict(SLURM_STEP_NUM_TASKS=2, SLURM_PROCID=0, WORLD_SIZE=8, RANK=3, LOCAL_RANK=3),
+         (8, 3, 3, None)),  # fmt: skip
+        # a plain `python` in a batch script of 16 tasks is one process (no srun step)
+        ("sbatch python", dict(SLURM_NTASKS=16, SLURM_PROCID=0, SLURM_LOCALID=0), (1, 0, 0, None)),
+    ],
+)
+def test_world_size_and_ranks_come_from_every_supported_launcher(launcher, env, want, monkeypatch):
+    from distributed import launch_env
+
+    launch_as(monkeypatch, **env)
+    got = launch_env()
+    assert (got.world, got.rank, got.local_rank, got.local_world) == want, got
+
+
+def test_an_mpi_launch_plans_for_its_world_and_sets_up_torch_variables(setup, tmp_path, monkeypatch, capsys):
+    """Under mpirun (deepspeed --launcher openmpi) WORLD_SIZE is not set before DeepSpeed's MPI discovery:
+    the batch arithmetic and the plan must still be those of the real world, and the process group must
+    not start without a way to meet (MASTER_ADDR/MASTER_PORT, or mpi4py for DeepSpeed's discovery)."""
+    import distributed
+
+    ompi = {f"OMPI_COMM_WORLD_{k}": v for k, v in dict(SIZE=16, RANK=0, LOCAL_RANK=0, LOCAL_SIZE=8).items()}
+    args = ["--model", setup["model"], "--data", setup["data"], "--deepspeed", setup["ds"], "--global-batch-size", 16]
+    args = [str(a) for a in [*args, "--output-dir", tmp_path / "out"]]
+    launch_as(monkeypatch, **ompi)
+    assert run_cli(tb.main, [*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "16 GPU(s)" in out and "16 queries = 1 per GPU" in out and "2 node(s)" in out, out[:3000]
+    assert os.environ["WORLD_SIZE"] == "16" and os.environ["RANK"] == "0" and os.environ["LOCAL_WORLD_SIZE"] == "8"
+
+    launch_as(monkeypatch, **ompi)
+    monkeypatch.setattr(distributed, "mpi4py_installed", lambda: False)
+    monkeypatch.setattr(tb.deepspeed, "init_distributed", lambda: pytest.fail("DeepSpeed started"))
+    assert run_cli(tb.main, args) == USER_ERROR_STATUS
+    err = capsys.readouterr().err
+    assert "launched by Open MPI (16 ranks) without MASTER_ADDR and MASTER_PORT" in err and "torchrun" in err, err
+
+    calls = []
+    fake_cuda(monkeypatch, calls)
+
+    def init_distributed(*a, **k):
+        calls.append(("init_distributed", os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]))
+        raise ProcessGroupStarted
+
+    monkeypatch.setattr(tb.deepspeed, "init_distributed", init_distributed)
+    launch_as(monkeypatch, **{**ompi, "OMPI_COMM_WORLD_RANK": 13, "OMPI_COMM_WORLD_LOCAL_RANK": 5})
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(ProcessGroupStarted):
+        tb.main(args)
+    calls = [c for c in calls if c[0] != "allocator"]
+    assert calls == [("set_device", 5), ("init_distributed", "13", "16", "5")], calls
+
+    # WORLD_SIZE alone, without a launcher, is for planning only
+    launch_as(monkeypatch, WORLD_SIZE=2)
+    assert run_cli(tb.main, args) == USER_ERROR_STATUS
+    assert "WORLD_SIZE without a launcher is only for --dry-run" in capsys.readouterr().err
+
+
 def test_a_checkpoint_missing_an_encoder_weight_is_refused(setup, tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file, save_file
 
