@@ -118,3 +118,52 @@ def test_pruning_never_removes_the_best_checkpoint(tmp_path):
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["step_00000002", "step_00000006"]
     tb.prune_checkpoints(tmp_path, "step_00000006", keep=1)
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["step_00000006"]
+
+
+class FakeEngine(torch.nn.Module):
+    """Stands in for the DeepSpeed engine: a packed forward -> one unit vector per text (a hash of its tokens)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.module = self
+        self.encoder = torch.nn.Module()
+        self.encoder.config = type("Config", (), {"hidden_size": hidden})()
+
+    def forward(self, input_ids, cu_seqlens):
+        out = []
+        for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
+            g = torch.Generator().manual_seed(int(input_ids[a:b].sum()) * 1000 + (b - a))
+            out.append(torch.randn(self.encoder.config.hidden_size, generator=g))
+        return torch.nn.functional.normalize(torch.stack(out), dim=-1)
+
+
+def test_eval_keeps_the_corpus_embeddings_off_the_device(monkeypatch):
+    """The largest tensor the BEIR evaluation makes does not grow with the corpus: embeddings leave the
+    device after each forward and the search streams blocks of the host copy (an MS MARCO-sized corpus
+    would not fit beside the model states). Counted over every torch operation, against a corpus of
+    N x D = 12 x the search's document block."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    Q, N, D, doc_block = 40, 12000, 16, 1000
+    monkeypatch.setattr(te, "search", lambda *a, **kw: search(*a, **{**kw, "doc_block": doc_block}))
+    rng = np.random.default_rng(0)
+    tokens = [rng.integers(0, 1000, rng.integers(1, 5)).tolist() for _ in range(Q + N)]
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(Q)}
+    s = te.BeirSet("fake", [f"q{i}" for i in range(Q)], [f"d{i}" for i in range(N)], qrels, tokens, "fake")
+    largest = [0]
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            largest[0] = max([largest[0], *sizes])
+            return out
+
+    with Watch():
+        idx, emb = te.embed_share(FakeEngine(D), tokens, 64, "cpu")
+        metrics = te.beir_metrics(FakeEngine(D), s, 64, "cpu")
+    bound = Q * doc_block * 2  # a score block and its copies, or a block of documents
+    assert largest[0] <= bound < N * D / 2, (largest[0], bound)
+    assert isinstance(emb, np.ndarray) and emb.shape == (Q + N, D) and sorted(idx) == list(range(Q + N))
+    assert 0 <= metrics["ndcg@10"] <= 1
