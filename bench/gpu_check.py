@@ -21,6 +21,7 @@ bench/run_gpu.sh runs it with the other checks (packed == padded, RoPE, resume, 
 
 import argparse
 import functools
+import inspect
 import sys
 from pathlib import Path
 
@@ -69,6 +70,16 @@ def count_varlen_calls() -> list[int]:
         pass
     attention._varlen_kernel.cache_clear()  # pick the kernel again, through the wrappers
     return calls
+
+
+def varlen_signature() -> str:
+    """torch's varlen_attn signature on this machine (it changed between releases; model.attention.adapt_varlen
+    passes only what it has)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return "; torch has no varlen_attn"
+    return f"; torch varlen_attn{inspect.signature(varlen_attn)}"
 
 
 def token_states(enc: BiEncoder, seqs: list[list[int]], device) -> torch.Tensor:
@@ -129,7 +140,7 @@ def main(argv=None) -> int:
     elif calls[0] == 0:
         ok &= report("kernel", "FAIL", f"{name} was picked but never called")
     else:
-        ok &= report("kernel", "PASS", f"{name}, called {calls[0]} times in one forward + backward")
+        ok &= report("kernel", "PASS", f"{name}, called {calls[0]} times in one forward + backward{varlen_signature()}")
 
     # bidirectional: the first token sees the last one, the other segment sees neither
     with torch.no_grad():

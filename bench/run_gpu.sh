@@ -12,16 +12,28 @@
 #                          path is causal and equals a plain causal forward of each text
 #   packed_vs_padded       bench/bench_packed_vs_padded.py: packed bf16 varlen == padded SDPA, embeddings
 #                          and gradients within bf16 tolerance, at the $SHAPE shape
-#   rope                   train_biencoder.py (deepspeed --num_gpus 1, ZeRO-3, bf16, gradient
-#                          checkpointing) says its rotary buffers are fp32 and the config's after initialize
-#   resume                 a run restarted from its step-2 checkpoint repeats the losses of steps 3-4 of the
-#                          uninterrupted run (relative 1e-2: GPU kernels are not bitwise deterministic)
+#   train                  the recipe's own path at $SHAPE (1b: Llama-3.2-1B's shape, head_dim 128, GQA):
+#                          train_biencoder.py under deepspeed --num_gpus 1 (ZeRO-3, bf16, gradient
+#                          checkpointing, ds_configs/zero3_bf16.json), 2 steps with --eval-beir on a SciFact
+#                          sample; finite losses, tok/s, peak memory and the kernel line
+#   rope                   that run says its rotary buffers are fp32 and the config's after initialize, and
+#                          whether the trainer had to repair them
 #   export                 export_hf.py of that run, with its built-in check against the checkpoint
 #                          (every tensor, and embeddings through sentence-transformers)
+#   evaluate               evaluate.py on the export, on the training's evaluation sample: NDCG@10 within
+#                          0.02 of the one the training logged at step 2
+#   resume                 tiny shape, lr 1e-3 without warm-up: a run restarted from its step-2 checkpoint
+#                          repeats the losses of steps 3-6 of the uninterrupted run (relative 2e-3: GPU
+#                          kernels are not bitwise repeatable), and two negative controls
+#                          (bench/resume_control.py: no weights restored; no optimizer state restored) are
+#                          further off than that tolerance, or the check FAILS
+#   mine                   mine_negatives.py with the tiny teacher on SciFact, --search-precision fp32 and
+#                          bf16 over one embedding cache: identical queries.parquet (negatives, order, scores)
 # bench
 #   throughput_<variant>   bench/bench_train.py at the $SHAPE shape, one process per variant of
-#                          $BENCH_VARIANTS (default "ours reference st"): a variant that fails is a FAIL
-#                          with its error, and the others still run
+#                          $BENCH_VARIANTS (default "ours st reference": the slow reference port last, at
+#                          $BENCH_REFERENCE_STEPS timed steps), each written as it ends: a variant that
+#                          fails is a FAIL with its error, and the others still run
 #   throughput             the table of all variants, merged into $OUT/bench_train.json
 #
 # Every check has one line `CHECK <name> PASS|FAIL|SKIP <detail>`, printed and appended to
@@ -35,7 +47,7 @@
 # bench_train.json (bench).
 #
 # Settings (environment): SHAPE (default 1b; tiny for a CPU rehearsal), OUT, WORK (scratch, default
-# /tmp/gpu_run), BENCH_STEPS (default 3), BENCH_VARIANTS, BENCH_ARGS (more bench_train.py flags, not
+# /tmp/gpu_run), BENCH_STEPS (default 3), BENCH_REFERENCE_STEPS (default 1), BENCH_VARIANTS, BENCH_ARGS (more bench_train.py flags, not
 # --variants), WHEELS (default .whl), PYDEPS (where they are installed, default /tmp/pydeps).
 #
 # The GPU machine has torch, transformers and sentence-transformers but neither deepspeed, datasets,
@@ -59,9 +71,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 MODE=${1:-}
 case $MODE in
-    check) EXPECTED=(kernel bidirectional causal_teacher packed_vs_padded rope resume export) ;;
+    check) EXPECTED=(kernel bidirectional causal_teacher packed_vs_padded train rope export evaluate resume mine) ;;
     bench)
-        read -r -a VARIANTS <<< "${BENCH_VARIANTS:-ours reference st}"
+        # the slowest (the reference port: one query per micro-batch) last, so that a time limit cannot cost
+        # the others' figures; each variant's figures are written the moment it ends
+        read -r -a VARIANTS <<< "${BENCH_VARIANTS:-ours st reference}"
         EXPECTED=("${VARIANTS[@]/#/throughput_}" throughput)
         ;;
     *)
@@ -74,6 +88,7 @@ OUT=${OUT:-output/gpu_run}
 WORK=${WORK:-/tmp/gpu_run}
 SHAPE=${SHAPE:-1b}
 BENCH_STEPS=${BENCH_STEPS:-3}
+BENCH_REFERENCE_STEPS=${BENCH_REFERENCE_STEPS:-1}
 BENCH_ARGS=${BENCH_ARGS:-}
 WHEELS=${WHEELS:-.whl}
 PYDEPS=${PYDEPS:-/tmp/pydeps}
@@ -209,50 +224,151 @@ check_mode() {
         result packed_vs_padded FAIL "exit $?, see $OUT/packed_vs_padded.json and run.log"
     fi
 
-    # 5-7. a short bf16 ZeRO-3 training of a tiny random Llama: RoPE, resume, export
-    local model=$WORK/model_tiny train_rc rope verdict
-    [ -f "$model/config.json" ] || run model python3 bench/bench_setup.py --shape tiny --output-dir "$model" --dtype bfloat16
-    rm -rf "$WORK/a" "$WORK/b" "$WORK/export"
-    local train=(train_biencoder.py --model "$model" --data "$DATA" --deepspeed ds_configs/zero3_bf16.json
-                 --global-batch-size 32 --lr 1e-4 --max-steps 4 --save-every 2)
-    run train deepspeed --num_gpus 1 --master_port "$(free_port)" "${train[@]}" --output-dir "$WORK/a" > "$WORK/train.log" 2>&1
+    # 5-8. the recipe's own path at $SHAPE (Llama-3.2-1B's on a GPU: head_dim 128, GQA): train_biencoder.py
+    # under DeepSpeed (ZeRO-3, bf16, gradient checkpointing, the shipped JSON) for 2 steps with the
+    # evaluation during training, export_hf.py (verified against the checkpoint), evaluate.py on the export
+    local model=$WORK/model_$SHAPE recipe=$WORK/recipe train_rc rope verdict
+    local sample=(--eval-max-queries 100 --eval-max-docs 1000)
+    [ -f "$model/config.json" ] || run model python3 bench/bench_setup.py --shape "$SHAPE" --output-dir "$model" --dtype bfloat16
+    rm -rf "$recipe" "$WORK/export"
+    run train deepspeed --num_gpus 1 --master_port "$(free_port)" train_biencoder.py --model "$model" --data "$DATA" \
+        --deepspeed ds_configs/zero3_bf16.json --global-batch-size 32 --max-steps 2 --output-dir "$recipe" \
+        --eval-beir data/scifact-beir "${sample[@]}" > "$WORK/train.log" 2>&1
     train_rc=$?
     tail -n 8 "$WORK/train.log"
-    cp "$WORK/a/metrics.jsonl" "$OUT/train_metrics.jsonl" 2>/dev/null
-    grep -h "packed attention kernel" "$WORK/train.log" | head -n 1
-    if rope=$(grep -h "rotary buffers: .* checked, fp32" "$WORK/train.log" | head -n 1) && [ "$train_rc" = 0 ]; then
-        result rope PASS "${rope#*rotary buffers: }"
-    else
-        result rope FAIL "training exit $train_rc, no 'rotary buffers ... fp32' line: $(last_error "$WORK/train.log")"
-    fi
-    # resume: the step-2 checkpoint of run a, restarted in run b, must give the losses of steps 3-4 of a
-    mkdir -p "$WORK/b/checkpoints"
-    cp -r "$WORK/a/checkpoints/step_00000002" "$WORK/b/checkpoints/" 2>/dev/null && echo step_00000002 > "$WORK/b/checkpoints/latest"
-    head -n 2 "$WORK/a/metrics.jsonl" > "$WORK/b/metrics.jsonl" 2>/dev/null
-    run resume deepspeed --num_gpus 1 --master_port "$(free_port)" "${train[@]}" --output-dir "$WORK/b" > "$WORK/resume.log" 2>&1
-    verdict=$(python3 - "$WORK/a/metrics.jsonl" "$WORK/b/metrics.jsonl" <<'PY' 2>&1
-import json, sys
+    cp "$recipe/metrics.jsonl" "$OUT/train_metrics.jsonl" 2>/dev/null
+    verdict=$(python3 - "$recipe/metrics.jsonl" "$train_rc" "$(grep -h 'packed attention kernel' "$WORK/train.log" | head -n 1)" <<'PY' 2>&1
+import json, math, sys
 try:
-    a, b = ({r["step"]: r["loss"] for r in map(json.loads, open(f))} for f in sys.argv[1:])
-except (OSError, ValueError, KeyError) as e:
-    sys.exit(print(f"FAIL no metrics to compare ({type(e).__name__}: {e})"))
-pairs = [(s, a.get(s), b.get(s)) for s in (3, 4)]
-ok = all(x is not None and y is not None and abs(x - y) <= 1e-2 * abs(x) for _, x, y in pairs)
-print(("PASS " if ok else "FAIL ") + ", ".join(f"step {s}: {x} vs resumed {y}" for s, x, y in pairs))
+    rows = [r for r in map(json.loads, open(sys.argv[1])) if "loss" in r]
+except (OSError, ValueError) as e:
+    sys.exit(print(f"FAIL exit {sys.argv[2]}, no metrics ({type(e).__name__})"))
+ok = sys.argv[2] == "0" and [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+print(("PASS " if ok else f"FAIL exit {sys.argv[2]}: ") + "; ".join(
+    f"step {r['step']} loss {r['loss']:.4f} grad_norm {r['grad_norm']:.3f} {r['tokens_per_s']:.0f} tok/s "
+    f"peak {r['peak_mem_gb']:.2f} GB" for r in rows) + (f"; {sys.argv[3]}" if sys.argv[3] else ""))
+PY
+)
+    case $verdict in
+        "PASS "* | "FAIL "*) result train "${verdict%% *}" "${verdict#* }" ;;
+        *) result train FAIL "exit $train_rc: $(last_error "$WORK/train.log")" ;;
+    esac
+    # RoPE: fp32 and the config's values after deepspeed.initialize, as loaded or after the trainer repaired them
+    if rope=$(grep -h "rotary buffers: .* checked, fp32" "$WORK/train.log" | head -n 1) && [ "$train_rc" = 0 ]; then
+        result rope PASS "${rope#*rotary buffers: }; repaired: none"
+    elif rope=$(grep -h "rotary buffers were not fp32" "$WORK/train.log" | head -n 1) && [ "$train_rc" = 0 ]; then
+        result rope PASS "repaired by the trainer (this DeepSpeed cast them with the weights): ${rope#*recomputed in fp32: }"
+    else
+        result rope FAIL "training exit $train_rc, no rotary buffers line: $(last_error "$WORK/train.log")"
+    fi
+    # export with the built-in verification (tensors and embeddings against the checkpoint)
+    if run export python3 export_hf.py --run "$recipe" --output-dir "$WORK/export" --device auto > "$WORK/export.log" 2>&1; then
+        result export PASS "$(grep -h 'tensor check\|embedding check' "$WORK/export.log" | tr '\n' ' ' | cut -c1-200)"
+    else
+        tail -n 20 "$WORK/export.log"
+        result export FAIL "export_hf.py failed: $(last_error "$WORK/export.log")"
+    fi
+    # evaluate.py on the export, on the sample the training evaluated: the same NDCG@10 up to kernel rounding
+    # (packs of other sizes on the GPU; 0 on the CPU)
+    if run evaluate python3 evaluate.py --model "$WORK/export" --beir data/scifact-beir --max-queries 100 \
+        --max-docs 1000 --output-json "$OUT/evaluate.json" > "$WORK/evaluate.log" 2>&1; then
+        verdict=$(python3 - "$OUT/evaluate.json" "$recipe/metrics.jsonl" <<'PY' 2>&1
+import json, sys
+export = json.load(open(sys.argv[1]))["metrics"]["NDCG@10"]
+logged = [r for r in map(json.loads, open(sys.argv[2])) if "eval/scifact-beir/ndcg@10" in r][-1]
+train = logged["eval/scifact-beir/ndcg@10"]
+ok = abs(export - train) <= 0.02
+print(("PASS " if ok else "FAIL ") + f"NDCG@10 {export:.4f} on the export vs {train:.4f} logged at step {logged['step']} "
+      f"(|diff| {abs(export - train):.4f}, tolerance 0.02)")
+PY
+)
+        case $verdict in
+            "PASS "* | "FAIL "*) result evaluate "${verdict%% *}" "${verdict#* }" ;;
+            *) result evaluate FAIL "the comparison failed: $(echo "$verdict" | tail -n 1)" ;;
+        esac
+    else
+        result evaluate FAIL "evaluate.py failed: $(last_error "$WORK/evaluate.log")"
+    fi
+    rm -rf "$recipe/checkpoints"
+
+    # 9. resume, on the tiny shape: lr 1e-3 from the first step (no warm-up), so that the weights and the
+    # AdamW moments of the step-2 checkpoint matter. Run a trains 6 steps; b restarts from a's step 2; two
+    # negative controls restart the same way with a broken restore (bench/resume_control.py). PASS: b
+    # repeats a's losses of steps 3-6 within the tolerance, and each control is further off than it.
+    local tiny=$WORK/model_tiny name
+    [ -f "$tiny/config.json" ] || run model_tiny python3 bench/bench_setup.py --shape tiny --output-dir "$tiny" --dtype bfloat16
+    local train=(--model "$tiny" --data "$DATA" --deepspeed ds_configs/zero3_bf16.json --global-batch-size 32
+                 --lr 1e-3 --warmup-steps 0 --max-steps 6 --save-every 2 --keep-checkpoints 3)
+    rm -rf "$WORK/a" "$WORK/b" "$WORK/nothing" "$WORK/weights-only"
+    run resume_a deepspeed --num_gpus 1 --master_port "$(free_port)" train_biencoder.py "${train[@]}" \
+        --output-dir "$WORK/a" > "$WORK/resume_a.log" 2>&1
+    for name in b nothing weights-only; do
+        mkdir -p "$WORK/$name/checkpoints"
+        cp -r "$WORK/a/checkpoints/step_00000002" "$WORK/$name/checkpoints/" 2>/dev/null \
+            && echo step_00000002 > "$WORK/$name/checkpoints/latest"
+        head -n 2 "$WORK/a/metrics.jsonl" > "$WORK/$name/metrics.jsonl" 2>/dev/null
+        if [ "$name" = b ]; then
+            set -- train_biencoder.py
+        else
+            set -- bench/resume_control.py --restore "$name" 
+        fi
+        run "resume_$name" deepspeed --num_gpus 1 --master_port "$(free_port)" "$@" "${train[@]}" \
+            --output-dir "$WORK/$name" > "$WORK/resume_$name.log" 2>&1
+    done
+    verdict=$(python3 - "$WORK" <<'PY' 2>&1
+import json, sys
+TOL = 2e-3  # relative: GPU kernels (atomics in the pooling and the flash backward) are not bitwise repeatable
+def losses(name):
+    try:
+        return {r["step"]: r["loss"] for r in map(json.loads, open(f"{sys.argv[1]}/{name}/metrics.jsonl")) if "loss" in r}
+    except (OSError, ValueError, KeyError) as e:
+        return {}
+a = losses("a")
+steps = (3, 4, 5, 6)
+def off(name):  # the largest relative difference from run a over steps 3-6; None when a run lacks a step
+    b = losses(name)
+    if not all(s in a and s in b for s in steps):
+        return None
+    return max(abs(a[s] - b[s]) / abs(a[s]) for s in steps)
+resumed, nothing, weights_only = off("b"), off("nothing"), off("weights-only")
+if None in (resumed, nothing, weights_only):
+    sys.exit(print(f"FAIL a run lacks steps 3-6: resumed {resumed}, controls {nothing} {weights_only}"))
+ok = resumed <= TOL and nothing > TOL and weights_only > TOL
+print(("PASS " if ok else "FAIL ") + f"steps 3-6, largest relative loss difference from the uninterrupted run: resumed "
+      f"{resumed:.2e} (tolerance {TOL:.0e}); controls, which must exceed it: no weights restored {nothing:.2e}, "
+      f"no optimizer state {weights_only:.2e}")
 PY
 )
     case $verdict in
         "PASS "* | "FAIL "*) result resume "${verdict%% *}" "${verdict#* }" ;;
         *) result resume FAIL "the comparison failed: $(echo "$verdict" | tail -n 1)" ;;
     esac
-    # export with the built-in verification (tensors and embeddings against the checkpoint)
-    if run export python3 export_hf.py --run "$WORK/a" --output-dir "$WORK/export" --device auto > "$WORK/export.log" 2>&1; then
-        result export PASS "$(grep -h 'tensor check\|embedding check' "$WORK/export.log" | tr '\n' ' ' | cut -c1-200)"
-    else
-        tail -n 20 "$WORK/export.log"
-        result export FAIL "export_hf.py failed: $(last_error "$WORK/export.log")"
-    fi
-    rm -rf "$WORK/a/checkpoints" "$WORK/b/checkpoints"
+    rm -rf "$WORK/a/checkpoints" "$WORK/b/checkpoints" "$WORK/nothing/checkpoints" "$WORK/weights-only/checkpoints"
+
+    # 10. the miner with a tiny teacher on SciFact: the bf16 search (tensor cores on a GPU) gives the output of
+    # the fp32 search, byte for byte (negatives, their order, scores, dropped counts)
+    local mine=(mine_negatives.py --data data/scifact --model "$tiny" --num-negatives 8 --cache-dir "$WORK/mine_cache")
+    rm -rf "$WORK/mined_fp32" "$WORK/mined_bf16"
+    run mine_fp32 python3 "${mine[@]}" --search-precision fp32 --output-dir "$WORK/mined_fp32" > "$WORK/mine.log" 2>&1
+    run mine_bf16 python3 "${mine[@]}" --search-precision bf16 --output-dir "$WORK/mined_bf16" >> "$WORK/mine.log" 2>&1
+    verdict=$(python3 - "$WORK/mined_fp32/scifact" "$WORK/mined_bf16/scifact" <<'PY' 2>&1
+import json, sys
+import pyarrow.parquet as pq
+try:
+    a, b = (pq.read_table(f"{d}/queries.parquet") for d in sys.argv[1:])
+    stats = json.load(open(f"{sys.argv[2]}/mining_stats.json"))
+except (OSError, ValueError) as e:
+    sys.exit(print(f"FAIL no output to compare ({type(e).__name__}: {e})"))
+same = a.equals(b)
+differ = [c for c in a.column_names if c not in b.column_names or not a[c].equals(b[c])]
+rescored = {k: v for k, v in stats.items() if "rescor" in k}
+print(("PASS identical " if same else f"FAIL columns differ: {differ}; ") + f"{a.num_rows} queries; {rescored}")
+PY
+)
+    case $verdict in
+        "PASS "* | "FAIL "*) result mine "${verdict%% *}" "${verdict#* }" ;;
+        *) result mine FAIL "$(last_error "$WORK/mine.log")" ;;
+    esac
 }
 
 bench_mode() {
@@ -261,13 +377,16 @@ bench_mode() {
     local model=$WORK/model_$SHAPE variant json log rc summary
     [ -f "$model/config.json" ] || run bench_model python3 bench/bench_setup.py --shape "$SHAPE" \
         --output-dir "$model" --dtype bfloat16
+    local steps
     for variant in "${VARIANTS[@]}"; do
+        steps=$BENCH_STEPS
+        [ "$variant" = reference ] && steps=$BENCH_REFERENCE_STEPS  # G engine calls x 2 per step
         json=$OUT/bench_train_$variant.json
         log=$WORK/bench_train_$variant.log
         rm -f "$json"
         # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
         run "bench_train $variant" deepspeed --num_gpus 1 --master_port "$(free_port)" bench/bench_train.py \
-            --shape "$SHAPE" --model "$model" --data "$DATA" --steps "$BENCH_STEPS" --workdir "$WORK/bench" \
+            --shape "$SHAPE" --model "$model" --data "$DATA" --steps "$steps" --workdir "$WORK/bench" \
             --variants "$variant" --output-json "$json" $BENCH_ARGS 2>&1 | tee "$log"
         rc=${PIPESTATUS[0]}
         if [ "$rc" = 0 ] && summary=$(python3 - "$json" "$variant" <<'PY'

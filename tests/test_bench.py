@@ -171,7 +171,10 @@ def test_mine_scale_benchmark_small(tmp_path):
 # bench/run_gpu.sh: its summary tells the truth. The scripts it runs are replaced by stand-ins on
 # PATH (a `python3` and a `deepspeed` in front of the real ones), so these tests take seconds.
 
-RUN_GPU_CHECKS = ("kernel", "bidirectional", "causal_teacher", "packed_vs_padded", "rope", "resume", "export")
+RUN_GPU_CHECKS = (
+    "kernel", "bidirectional", "causal_teacher", "packed_vs_padded", "train", "rope", "export", "evaluate", "resume",
+    "mine",
+)  # fmt: skip
 
 GPU_CHECK_STANDINS = {
     "all_pass": 'echo "CHECK kernel PASS stand-in"; echo "CHECK bidirectional PASS stand-in"\n'
@@ -208,14 +211,38 @@ case "$1" in
         exit 0 ;;
     bench/bench_packed_vs_padded.py | bench/bench_setup.py) exit 0 ;;
     export_hf.py) echo "tensor check: stand-in"; exit 0 ;;
+    evaluate.py)
+        while [ $# -gt 0 ]; do [ "$1" = --output-json ] && echo '{{"metrics": {{"NDCG@10": 0.5}}}}' > "$2"; shift; done
+        exit 0 ;;
+    mine_negatives.py)  # the same output whatever the precision
+        while [ $# -gt 0 ]; do [ "$1" = --output-dir ] && out=$2; shift; done
+        exec {sys.executable} -c "import json, os, sys, pyarrow as pa, pyarrow.parquet as pq
+d = sys.argv[1] + '/scifact'; os.makedirs(d)
+pq.write_table(pa.table({{'neg_doc': [[1, 2]]}}), d + '/queries.parquet')
+json.dump({{'pairs_rescored': 0}}, open(d + '/mining_stats.json', 'w'))" "$out" ;;
 esac
 exec {sys.executable} "$@"
 """)
-    deepspeed = bin_dir / "deepspeed"  # train_biencoder.py: a run of 4 steps with its step-2 checkpoint
+    # train_biencoder.py: --max-steps steps (an evaluation row with --eval-beir) and the step-2 checkpoint;
+    # bench/resume_control.py: the losses after step 2 are off, as a broken restore's would be
+    deepspeed = bin_dir / "deepspeed"
     deepspeed.write_text("""#!/usr/bin/env bash
-while [ $# -gt 0 ]; do [ "$1" = --output-dir ] && out=$2; shift; done
+loss=1.5 evaluated=0
+while [ $# -gt 0 ]; do
+    case $1 in
+        --output-dir) out=$2 ;;
+        --max-steps) steps=$2 ;;
+        --eval-beir) evaluated=1 ;;
+        bench/resume_control.py) loss=2.5 ;;
+    esac
+    shift
+done
 mkdir -p "$out/checkpoints/step_00000002"
-for step in 1 2 3 4; do echo "{\\"step\\": $step, \\"loss\\": 1.5}"; done > "$out/metrics.jsonl"
+for step in $(seq "$steps"); do
+    [ "$step" -le 2 ] && l=1.5 || l=$loss
+    echo "{\\"step\\": $step, \\"loss\\": $l, \\"grad_norm\\": 1, \\"tokens_per_s\\": 9, \\"peak_mem_gb\\": 1}"
+done > "$out/metrics.jsonl"
+[ "$evaluated" = 1 ] && echo "{\\"step\\": $steps, \\"eval/scifact-beir/ndcg@10\\": 0.5}" >> "$out/metrics.jsonl"
 echo "rotary buffers: 2 checked, fp32 and equal to the values computed from the config"
 """)
     python.chmod(0o755)
@@ -252,20 +279,20 @@ def test_run_gpu_check_summary_counts_a_crash_as_failure(tmp_path, gpu_check):
     checks = check_lines(results)
     assert set(RUN_GPU_CHECKS) <= set(checks), log  # every check has its line in $OUT/results.txt
     assert results.rstrip().splitlines()[-1].startswith("SUMMARY check:"), results
-    for name in ("packed_vs_padded", "rope", "resume", "export"):
-        assert checks[name].startswith("PASS"), (name, log)
+    for name in RUN_GPU_CHECKS[3:]:
+        assert checks[name].startswith("PASS"), (name, checks[name], log)
     assert checks["kernel"].startswith("PASS")
     if gpu_check == "all_pass":
         assert res.returncode == 0, log
         assert set(checks) == set(RUN_GPU_CHECKS) and all(v.startswith("PASS") for v in checks.values())
-        assert "SUMMARY check: 7 PASS; exit 0" in results
+        assert "SUMMARY check: 10 PASS; exit 0" in results
     elif gpu_check == "crash_after_first":
         assert res.returncode == 1, log
         for name in ("bidirectional", "causal_teacher"):
             assert checks[name] == "FAIL did not run: bench/gpu_check.py exited 1 first (see run.log)"
         assert "gpu_check" not in checks  # the missing checks already carry the failure
         assert "illegal memory access" in (tmp_path / "out" / "run.log").read_text()  # the traceback is kept
-        assert "SUMMARY check: 2 FAIL, 5 PASS; exit 1" in results
+        assert "SUMMARY check: 2 FAIL, 8 PASS; exit 1" in results
     else:
         assert res.returncode == 1, log
         assert checks["gpu_check"].startswith("FAIL bench/gpu_check.py exited 139 after reporting its checks")
@@ -318,9 +345,9 @@ def test_run_gpu_stopped_by_the_time_limit_keeps_what_it_had(tmp_path):
     assert proc.returncode == 143
     checks = check_lines((out / "results.txt").read_text())
     assert all(checks[name].startswith("PASS") for name in RUN_GPU_CHECKS[:4]), checks
-    for name in ("rope", "resume", "export"):
+    for name in RUN_GPU_CHECKS[4:]:
         assert checks[name] == "FAIL did not run (stopped by a signal)", checks
-    assert "SUMMARY check: 3 FAIL, 4 PASS; exit 143" in (out / "results.txt").read_text()
+    assert "SUMMARY check: 6 FAIL, 4 PASS; exit 143" in (out / "results.txt").read_text()
 
 
 def test_run_gpu_usage(tmp_path):

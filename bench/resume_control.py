@@ -1,0 +1,49 @@
+"""The negative controls of run_gpu.sh's resume check: train_biencoder.py resumed with a broken restore.
+
+    deepspeed --num_gpus 1 bench/resume_control.py --restore nothing|weights-only <train_biencoder.py flags>
+
+--restore nothing:      the run starts at the checkpoint's step, but from the initial weights and a fresh
+                        optimizer (a resume that restored no weights);
+--restore weights-only: the weights are restored, the AdamW moments are not (DeepSpeed's
+                        load_optimizer_states=False: a resume that lost the optimizer state).
+
+The resume check passes only when the real resume repeats the uninterrupted run's losses within its
+tolerance AND both controls differ from them by more than it: a tolerance too loose to see a broken
+resume is itself a failure. Nothing here is part of the product: train_biencoder.py runs unchanged,
+with its load_checkpoint wrapped from outside (as tests/fault_runner.py injects faults).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_biencoder as tb  # noqa: E402
+from common import run_cli  # noqa: E402
+
+MODES = ("nothing", "weights-only")
+
+
+def broken_load_checkpoint(mode: str):
+    restore = tb.load_checkpoint
+
+    def load(engine, cfg, tag: str) -> int:
+        if mode == "nothing":
+            return int(tag.removeprefix("step_"))  # the step count alone: no weights, no optimizer state
+        load_all = engine.load_checkpoint
+        engine.load_checkpoint = lambda path, tag: load_all(path, tag=tag, load_optimizer_states=False)
+        return restore(engine, cfg, tag)
+
+    return load
+
+
+def main() -> int:
+    if len(sys.argv) < 3 or sys.argv[1] != "--restore" or sys.argv[2] not in MODES:
+        print(f"usage: {sys.argv[0]} --restore {'|'.join(MODES)} <train_biencoder.py flags>", file=sys.stderr)
+        return 2
+    tb.load_checkpoint = broken_load_checkpoint(sys.argv[2])
+    print(f"resume control: --restore {sys.argv[2]}", flush=True)
+    return run_cli(tb.main, sys.argv[3:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
