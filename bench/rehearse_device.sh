@@ -11,7 +11,7 @@
 #    (listed below), then without what the device lacks (deepspeed, datasets, hjson, pydantic and pydantic's
 #    own); checked that none of them can be imported.
 # 4. With only that venv's bin on PATH (no other virtualenv, no PYTHONPATH), timed:
-#        SHAPE=tiny bash bench/run_gpu.sh check
+#        SHAPE=tiny bash bench/run_gpu.sh check     (CHECK_BATCH=8, a 30-query / 200-document sample)
 #        SHAPE=tiny bash bench/run_gpu.sh bench     (BENCH_STEPS=2, --global-batch-size 16)
 #    check as on a fresh device: run_gpu.sh installs .whl-rehearsal/ through the same path as .whl/ on
 #    the device, into an empty folder; bench after it, as on the same device still warm (the wheels
@@ -130,6 +130,7 @@ for mode in check bench; do
     rc=0
     env -u PYTHONPATH -u VIRTUAL_ENV PATH="$CLEAN_PATH" SHAPE=tiny OUT="$REHEARSAL_OUT/$mode" \
         WORK="$WORK" PYDEPS="$PYDEPS" WHEELS=.whl-rehearsal \
+        CHECK_BATCH=8 CHECK_EVAL_QUERIES=30 CHECK_EVAL_DOCS=200 \
         BENCH_STEPS=2 BENCH_ARGS="--global-batch-size 16" bash bench/run_gpu.sh "$mode" || rc=$?
     echo "run_gpu.sh $mode: exit $rc after $((SECONDS - start)) s" | tee -a "$REHEARSAL_OUT/times.txt"
     [ "$rc" = 0 ] || status=1

@@ -13,6 +13,7 @@ resume is itself a failure. Nothing here is part of the product: train_biencoder
 with its load_checkpoint wrapped from outside (as tests/fault_runner.py injects faults).
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -37,12 +38,12 @@ def broken_load_checkpoint(mode: str):
 
 
 def main() -> int:
-    if len(sys.argv) < 3 or sys.argv[1] != "--restore" or sys.argv[2] not in MODES:
-        print(f"usage: {sys.argv[0]} --restore {'|'.join(MODES)} <train_biencoder.py flags>", file=sys.stderr)
-        return 2
-    tb.load_checkpoint = broken_load_checkpoint(sys.argv[2])
-    print(f"resume control: --restore {sys.argv[2]}", flush=True)
-    return run_cli(tb.main, sys.argv[3:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--restore", choices=MODES, required=True, help="what the broken resume restores")
+    args, train_args = parser.parse_known_args()  # the rest (the launcher's --local_rank too) is train_biencoder.py's
+    tb.load_checkpoint = broken_load_checkpoint(args.restore)
+    print(f"resume control: --restore {args.restore}", flush=True)
+    return run_cli(tb.main, train_args)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@
 # bench_train.json (bench).
 #
 # Settings (environment): SHAPE (default 1b; tiny for a CPU rehearsal), OUT, WORK (scratch, default
-# /tmp/gpu_run), BENCH_STEPS (default 3), BENCH_REFERENCE_STEPS (default 1), BENCH_VARIANTS, BENCH_ARGS (more bench_train.py flags, not
+# /tmp/gpu_run), CHECK_BATCH (default 32), CHECK_EVAL_QUERIES / CHECK_EVAL_DOCS (default 100 / 1000),
+# BENCH_STEPS (default 3), BENCH_REFERENCE_STEPS (default 1), BENCH_VARIANTS, BENCH_ARGS (more bench_train.py flags, not
 # --variants), WHEELS (default .whl), PYDEPS (where they are installed, default /tmp/pydeps).
 #
 # The GPU machine has torch, transformers and sentence-transformers but neither deepspeed, datasets,
@@ -89,6 +90,9 @@ WORK=${WORK:-/tmp/gpu_run}
 SHAPE=${SHAPE:-1b}
 BENCH_STEPS=${BENCH_STEPS:-3}
 BENCH_REFERENCE_STEPS=${BENCH_REFERENCE_STEPS:-1}
+CHECK_BATCH=${CHECK_BATCH:-32}  # queries per step of check's trainings
+CHECK_EVAL_QUERIES=${CHECK_EVAL_QUERIES:-100}  # check's evaluation sample of SciFact's test set
+CHECK_EVAL_DOCS=${CHECK_EVAL_DOCS:-1000}
 BENCH_ARGS=${BENCH_ARGS:-}
 WHEELS=${WHEELS:-.whl}
 PYDEPS=${PYDEPS:-/tmp/pydeps}
@@ -228,11 +232,11 @@ check_mode() {
     # under DeepSpeed (ZeRO-3, bf16, gradient checkpointing, the shipped JSON) for 2 steps with the
     # evaluation during training, export_hf.py (verified against the checkpoint), evaluate.py on the export
     local model=$WORK/model_$SHAPE recipe=$WORK/recipe train_rc rope verdict
-    local sample=(--eval-max-queries 100 --eval-max-docs 1000)
+    local sample=(--eval-max-queries "$CHECK_EVAL_QUERIES" --eval-max-docs "$CHECK_EVAL_DOCS")
     [ -f "$model/config.json" ] || run model python3 bench/bench_setup.py --shape "$SHAPE" --output-dir "$model" --dtype bfloat16
     rm -rf "$recipe" "$WORK/export"
     run train deepspeed --num_gpus 1 --master_port "$(free_port)" train_biencoder.py --model "$model" --data "$DATA" \
-        --deepspeed ds_configs/zero3_bf16.json --global-batch-size 32 --max-steps 2 --output-dir "$recipe" \
+        --deepspeed ds_configs/zero3_bf16.json --global-batch-size "$CHECK_BATCH" --max-steps 2 --output-dir "$recipe" \
         --eval-beir data/scifact-beir "${sample[@]}" > "$WORK/train.log" 2>&1
     train_rc=$?
     tail -n 8 "$WORK/train.log"
@@ -270,8 +274,8 @@ PY
     fi
     # evaluate.py on the export, on the sample the training evaluated: the same NDCG@10 up to kernel rounding
     # (packs of other sizes on the GPU; 0 on the CPU)
-    if run evaluate python3 evaluate.py --model "$WORK/export" --beir data/scifact-beir --max-queries 100 \
-        --max-docs 1000 --output-json "$OUT/evaluate.json" > "$WORK/evaluate.log" 2>&1; then
+    if run evaluate python3 evaluate.py --model "$WORK/export" --beir data/scifact-beir --max-queries "$CHECK_EVAL_QUERIES" \
+        --max-docs "$CHECK_EVAL_DOCS" --output-json "$OUT/evaluate.json" > "$WORK/evaluate.log" 2>&1; then
         verdict=$(python3 - "$OUT/evaluate.json" "$recipe/metrics.jsonl" <<'PY' 2>&1
 import json, sys
 export = json.load(open(sys.argv[1]))["metrics"]["NDCG@10"]
@@ -297,7 +301,7 @@ PY
     # repeats a's losses of steps 3-6 within the tolerance, and each control is further off than it.
     local tiny=$WORK/model_tiny name
     [ -f "$tiny/config.json" ] || run model_tiny python3 bench/bench_setup.py --shape tiny --output-dir "$tiny" --dtype bfloat16
-    local train=(--model "$tiny" --data "$DATA" --deepspeed ds_configs/zero3_bf16.json --global-batch-size 32
+    local train=(--model "$tiny" --data "$DATA" --deepspeed ds_configs/zero3_bf16.json --global-batch-size "$CHECK_BATCH"
                  --lr 1e-3 --warmup-steps 0 --max-steps 6 --save-every 2 --keep-checkpoints 3)
     rm -rf "$WORK/a" "$WORK/b" "$WORK/nothing" "$WORK/weights-only"
     run resume_a deepspeed --num_gpus 1 --master_port "$(free_port)" train_biencoder.py "${train[@]}" \
