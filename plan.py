@@ -6,10 +6,10 @@ Units: GB = 10**9 bytes, in the output and in --gpu-memory-gb / --host-memory-gb
 bytes for an H100 80GB).
 
 Memory per GPU = ZeRO-3 model states (`zero3_buffers`: counted from DeepSpeed's own allocations)
-+ the gathered layers and the gradient bucket + activations (`activation_bytes_per_token`, an
-estimate). Memory per node = what the optimizer offload keeps in host RAM, summed over the node's
-ranks. Both are printed beside DeepSpeed's estimator (`estimate_zero3_model_states_mem_needs`),
-and the host RAM check takes the larger of the two.
++ the gathered layers + the gradient reduction's buffers (`reduce_buffers`) + activations
+(`activation_bytes_per_token`, an estimate). Memory per node = what the optimizer offload keeps in
+host RAM, summed over the node's ranks. Both are printed beside DeepSpeed's estimator
+(`estimate_zero3_model_states_mem_needs`), and the host RAM check takes the larger of the two.
 """
 
 import math
@@ -110,7 +110,30 @@ def grad_accum_dtype_name(ds_config: dict) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[DtypeEnum(name).value]
 
 
+def comm_dtype_name(ds_config: dict) -> str:
+    """communication_data_type: the dtype ZeRO-3 reduce-scatters every micro-batch's gradients in; without
+    it, the model's (DeepSpeed's engine.py communication_data_type). The ds_configs/ set fp32."""
+    name = ds_config.get("communication_data_type")
+    return dtype_name(ds_config) if name is None else str(name).lower()
+
+
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def reduce_buffers(ds_config: dict, bucket: int) -> tuple[float, float]:
+    """(bytes held, bytes of a reduction in flight) of ZeRO-3's gradient reduction with a reduce bucket
+    of `bucket` elements, in communication_data_type (DeepSpeed 0.19.8):
+    - held: with contiguous_gradients, the bucket itself, allocated once in that dtype
+      (stage3.py:781-784); each gradient is copied into it, converted (:1626-1637);
+    - in flight: reduce_scatter_coalesced interleaves the bucket's gradients into one flat copy of
+      the same size and dtype (runtime/comm/coalesced_collectives.py:122). Without contiguous_gradients
+      there is no bucket, but a gradient in another dtype is first converted, one more copy (:1920).
+    So an fp32 reduction of bf16 gradients costs twice the bucket bytes of a bf16 one, in both."""
+    zero = ds_config.get("zero_optimization") or {}
+    c, m = BYTES[comm_dtype_name(ds_config)], BYTES[dtype_name(ds_config)]
+    if zero.get("contiguous_gradients", True):
+        return bucket * c, bucket * c
+    return 0.0, bucket * c * (1 if c == m else 2)
 
 
 def zero3_buffers(ds_config: dict) -> list[Buffer] | None:
@@ -389,9 +412,9 @@ def memory_plan(
     tokens of `act_per_token` bf16 activation bytes, W ranks, `per_node` per node.
 
     GPU: need = the larger of forward/backward (model states + 2 gathered layers, the current and the
-    prefetched one, + the gradient reduce bucket + activations) and the optimizer step (model states +
-    its temporaries + the bucket). Host: need = the larger of our count (pinned blocks rounded, inside
-    the step) and DeepSpeed's estimate per node."""
+    prefetched one, + the gradient reduce bucket and its reduce-scatter copy (`reduce_buffers`) +
+    activations) and the optimizer step (model states + its temporaries + the bucket). Host: need =
+    the larger of our count (pinned blocks rounded, inside the step) and DeepSpeed's estimate per node."""
     nodes = max(1, math.ceil(W / per_node))
     zero = ds_config.get("zero_optimization") or {}
     m = BYTES[dtype_name(ds_config)]
@@ -399,7 +422,7 @@ def memory_plan(
     states = zero3_memory(total, W, per_node, ds_config)
     gathered = 2 * layer * m
     bucket = zero.get("reduce_bucket_size", REDUCE_BUCKET_SIZE)  # "auto": one layer, as build_ds_config resolves it
-    bucket = (layer if bucket == "auto" else bucket) * m if zero.get("contiguous_gradients", True) else 0
+    bucket, reducing = reduce_buffers(ds_config, layer if bucket == "auto" else bucket)
     act = act_per_token * max_mb_tokens * m / 2
     gpu_states = states.gpu if states else ds_gpu
     gpu_step = states.gpu_step if states else ds_gpu
@@ -411,10 +434,13 @@ def memory_plan(
         "per_node": per_node,
         "gpu_states": gpu_states,
         "gpu_step": gpu_step + bucket,
-        "working": gathered + bucket,
+        "gathered": gathered,
+        "reduce": bucket + reducing,
+        "reduce_dtype": comm_dtype_name(ds_config),
+        "working": gathered + bucket + reducing,
         "activations": act,
-        "gpu_backward": gpu_states + gathered + bucket + act,
-        "gpu_need": max(gpu_states + gathered + bucket + act, gpu_step + bucket),
+        "gpu_backward": gpu_states + gathered + bucket + reducing + act,
+        "gpu_need": max(gpu_states + gathered + bucket + reducing + act, gpu_step + bucket),
         "deepspeed_gpu": ds_gpu,
         "deepspeed_host": ds_host,
         "host_ours": host,
@@ -448,7 +474,8 @@ def memory_lines(p: dict, max_mb_tokens: int, gpu: tuple | None, host: tuple) ->
         states = f"model states {gb(p['gpu_states'])} (DeepSpeed's estimator; this ZeRO setting is not counted)"
         step = ""
     lines = [
-        f"memory/GPU {states} + 2 gathered layers and the reduce bucket {gb(p['working'])} + activations "
+        f"memory/GPU {states} + 2 gathered layers {gb(p['gathered'])} + {p['reduce_dtype']} reduce bucket and its "
+        f"reduce-scatter copy {gb(p['reduce'])} (communication_data_type) + activations "
         f"{gb(p['activations'])} (estimate for {max_mb_tokens:,} tokens) = {gb(p['gpu_backward'])}{step}; "
         f"DeepSpeed's estimator: model states {gb(p['deepspeed_gpu'])}"
     ]
@@ -549,6 +576,7 @@ def print_plan(cfg, data, model_config, ds_config: dict, W: int, lengths, T: int
         f"zero       prefetch bucket {zero.get('stage3_prefetch_bucket_size')}, reduce bucket "
         f"{zero.get('reduce_bucket_size')}, persistence threshold {zero.get('stage3_param_persistence_threshold')}, "
         f"grad accumulation {ds_config.get('data_types', {}).get('grad_accum_dtype', 'model dtype')}, "
+        f"gradient reduction {comm_dtype_name(ds_config)} (communication_data_type), "
         f"optimizer offload {'on' if offload else 'off'}",
         *memory_lines(memory, max_mb, gpu_memory(cfg), host_ram(cfg)),
     ]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from bench_setup import llama_config
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
@@ -129,10 +130,33 @@ def test_8b_recipe_with_zero3_bf16_per_gpu():
     assert plan.bytes_per_param(buffers, "host") == 0
     p = plan.memory_plan(P_8B, LAYER_8B, EMBED_8B, plan.activation_bytes_per_token(config), 49152, ds, 8, 8)
     assert p["gpu_states"] == 18 * P_8B / 8  # 16.9 GB
-    assert p["gpu_step"] == 26 * P_8B / 8 + 2 * LAYER_8B  # + the reduce bucket (one layer, bf16)
-    assert p["working"] == 2 * 2 * LAYER_8B + 2 * LAYER_8B
+    assert p["gpu_step"] == 26 * P_8B / 8 + 4 * LAYER_8B  # + the reduce bucket (one layer, fp32)
+    assert p["working"] == 2 * 2 * LAYER_8B + 2 * 4 * LAYER_8B  # + the bucket's reduce-scatter copy
     assert p["host_need"] == p["deepspeed_host"] == int(4 * EMBED_8B * 8 * 1.5)  # 25.2 GB
     assert p["gpu_need"] == p["gpu_backward"] > p["gpu_step"]
+
+
+def test_the_shipped_configs_reduce_gradients_in_fp32_and_the_plan_counts_it():
+    """communication_data_type fp32 in every ds_configs/*.json: DeepSpeed reads it (its default would be
+    the model's dtype, bf16), and the plan counts the reduce bucket and its reduce-scatter copy in fp32:
+    twice the bytes of a bf16 reduction."""
+    from deepspeed.runtime.config import get_communication_data_type
+
+    for name in ("zero3_bf16", "zero3_offload", "zero3_fp32"):
+        ds = ds_json(name)
+        assert get_communication_data_type(ds) == torch.float32, name
+        assert plan.comm_dtype_name(ds) == "fp32"
+        assert plan.reduce_buffers(ds, LAYER_8B) == (4 * LAYER_8B, 4 * LAYER_8B)
+    ds = ds_json("zero3_bf16")
+    del ds["communication_data_type"]  # DeepSpeed's default: the model's dtype
+    assert plan.comm_dtype_name(ds) == "bf16" and plan.reduce_buffers(ds, LAYER_8B) == (2 * LAYER_8B, 2 * LAYER_8B)
+    ds["zero_optimization"]["contiguous_gradients"] = False  # no bucket; each gradient converted, then copied
+    ds["communication_data_type"] = "fp32"
+    assert plan.reduce_buffers(ds, LAYER_8B) == (0, 2 * 4 * LAYER_8B)
+    config = llama_config("8b")
+    ds = tb.build_ds_config(tb.TrainConfig(deepspeed=str(REPO / "ds_configs" / "zero3_bf16.json")), 8, config)
+    p = plan.memory_plan(P_8B, LAYER_8B, EMBED_8B, 1.0, 1000, ds, 8, 8)
+    assert p["reduce"] == 2 * 4 * LAYER_8B and p["reduce_dtype"] == "fp32"  # 1.7 GB, 0.9 GB with bf16
 
 
 def test_fp32_model_and_settings_not_counted():
@@ -231,15 +255,23 @@ print(json.dumps({"params": params, "bytes": sum(storages.values())}))
 """
 
 
-LIVE_CASES = [("zero3_offload", "fp32"), ("zero3_offload", "bf16"), ("zero3_bf16", "fp32"), ("zero3_fp32", None)]
+LIVE_CASES = [
+    ("zero3_offload", "fp32", None),
+    ("zero3_offload", "bf16", None),
+    ("zero3_bf16", "fp32", None),  # the shipped fp32 reduction: a 4-byte bucket
+    ("zero3_bf16", "fp32", "bf16"),  # DeepSpeed's default reduction, the model's dtype: a 2-byte bucket
+    ("zero3_fp32", None, None),
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config, accum", LIVE_CASES)
-def test_the_count_is_what_deepspeed_allocates(config, accum):
+@pytest.mark.parametrize("config, accum, reduction", LIVE_CASES)
+def test_the_count_is_what_deepspeed_allocates(config, accum, reduction):
     """After two optimizer steps, DeepSpeed's live tensors are the held buffers of `zero3_buffers`
-    (the step's temporaries are gone) plus the reduce bucket."""
+    (the step's temporaries are gone) plus the reduce bucket, in communication_data_type."""
     ds = ds_json(config, accum)
+    if reduction:
+        ds["communication_data_type"] = reduction
     ds["zero_optimization"].update(
         reduce_bucket_size=2**20, stage3_prefetch_bucket_size=2**20, stage3_param_persistence_threshold=0
     )
@@ -253,5 +285,5 @@ def test_the_count_is_what_deepspeed_allocates(config, accum):
     live = json.loads(res.stdout.strip().splitlines()[-1])
     buffers = plan.zero3_buffers(ds)
     held = plan.bytes_per_param(buffers, "gpu") + plan.bytes_per_param(buffers, "host")
-    bucket = 2**20 * plan.BYTES[plan.dtype_name(ds)] / live["params"]
+    bucket = plan.reduce_buffers(ds, 2**20)[0] / live["params"]
     assert live["bytes"] / live["params"] == pytest.approx(held + bucket, abs=0.01)
