@@ -5,11 +5,14 @@ Units: GB = 10**9 bytes, in the output and in --gpu-memory-gb / --host-memory-gb
 "80 GB" is --gpu-memory-gb 80 (80e9 bytes, 74.5 GiB: on the safe side, since torch reports 85.5e9
 bytes for an H100 80GB).
 
-Memory per GPU = ZeRO-3 model states (`zero3_buffers`: counted from DeepSpeed's own allocations)
-+ the gathered layers and the gradient bucket + activations (`activation_bytes_per_token`, an
-estimate). Memory per node = what the optimizer offload keeps in host RAM, summed over the node's
-ranks. Both are printed beside DeepSpeed's estimator (`estimate_zero3_model_states_mem_needs`),
-and the host RAM check takes the larger of the two.
+Memory per GPU (`memory_plan`) = ZeRO-3 model states (`zero3_buffers`: counted from DeepSpeed's own
+allocations) + the gathered parameters (bounded by stage3_max_live_parameters) + the gradient
+reduction's buffers (`reduce_buffers`) + at its largest moment either a layer's backward
+(activations, `activation_bytes_per_token`, an estimate; expanded K/V) or the embedding's backward
+(its dense gradient and what builds and reduces it) or the optimizer step; + NCCL's buffers
+(`nccl_buffers`, an estimate) and the CUDA context. Memory per node = what the optimizer offload
+keeps in host RAM, summed over the node's ranks. Both are printed beside DeepSpeed's estimator
+(`estimate_zero3_model_states_mem_needs`), and the host RAM check takes the larger of the two.
 """
 
 import math
@@ -23,14 +26,17 @@ from tqdm.auto import tqdm
 
 from batches import epoch_order, split_step
 from common import UserError
+from model.attention import packed_kernel_expands_kv, packed_kernel_name
 from model.loading import empty_encoder, encoder_key_report, stored_tensor_names
 
 GB = 10**9  # the unit of every figure here (not GiB = 2**30)
-GPU_HEADROOM = 0.9  # of a GPU's memory: the allocator's fragmentation (reserved > allocated) ...
-GPU_CONTEXT = 2**30  # ... and the CUDA context, NCCL and cuBLAS workspaces (outside torch's allocator)
+GPU_HEADROOM = 0.9  # of a GPU's memory: the rest is left to the allocator's fragmentation (reserved > allocated)
+CUDA_CONTEXT = 2**30  # the CUDA context and the cuBLAS/cuDNN handles, outside torch's allocator
 HOST_HEADROOM = 0.9  # of a node's RAM: the OS, the ranks' own processes (Python, torch, CUDA libraries), page cache
-SUB_GROUP_SIZE = 10**9  # DeepSpeed's default zero_optimization.sub_group_size (runtime/zero/config.py)
-REDUCE_BUCKET_SIZE = 5 * 10**8  # DeepSpeed's default zero_optimization.reduce_bucket_size
+# DeepSpeed's defaults of zero_optimization (runtime/zero/config.py)
+SUB_GROUP_SIZE = 10**9
+REDUCE_BUCKET_SIZE = 5 * 10**8
+MAX_LIVE_PARAMETERS = 10**9  # stage3_max_live_parameters
 
 
 def gb(nbytes: float) -> str:
@@ -41,12 +47,48 @@ def gb(nbytes: float) -> str:
 # The model and the steps
 
 
-def model_sizes(model_config) -> tuple[int, int]:
-    """(parameters of the encoder, parameters of its largest transformer layer), from the config alone."""
-    encoder = empty_encoder(model_config)
+def _sizes(encoder: torch.nn.Module) -> tuple[int, int]:
     layers = max((m for m in encoder.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
     layer = max(sum(p.numel() for p in block.parameters()) for block in layers)
     return sum(p.numel() for p in encoder.parameters()), layer
+
+
+def model_sizes(model_config) -> tuple[int, int]:
+    """(parameters of the encoder, parameters of its largest transformer layer), from the config alone."""
+    return _sizes(empty_encoder(model_config))
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory plan needs of a model (`model_shape`)."""
+
+    params: int  # parameters of the encoder
+    layer: int  # parameters of its largest transformer layer
+    largest_param: int  # elements of its largest parameter tensor (Llama: the token embedding)
+    vocab: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    act_per_token: float  # `activation_bytes_per_token`, bf16 bytes
+
+
+def model_shape(model_config) -> ModelShape:
+    """The encoder's sizes, from the config alone (built on the meta device)."""
+    encoder = empty_encoder(model_config)
+    params, layer = _sizes(encoder)
+    heads = model_config.num_attention_heads
+    return ModelShape(
+        params=params,
+        layer=layer,
+        largest_param=max(p.numel() for p in encoder.parameters()),
+        vocab=model_config.vocab_size,
+        hidden=model_config.hidden_size,
+        heads=heads,
+        kv_heads=getattr(model_config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // heads,
+        act_per_token=activation_bytes_per_token(model_config),
+    )
 
 
 def activation_bytes_per_token(config) -> float:
@@ -110,7 +152,30 @@ def grad_accum_dtype_name(ds_config: dict) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[DtypeEnum(name).value]
 
 
+def comm_dtype_name(ds_config: dict) -> str:
+    """communication_data_type: the dtype ZeRO-3 reduce-scatters every micro-batch's gradients in; without
+    it, the model's (DeepSpeed's engine.py communication_data_type). The ds_configs/ set fp32."""
+    name = ds_config.get("communication_data_type")
+    return dtype_name(ds_config) if name is None else str(name).lower()
+
+
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def reduce_buffers(ds_config: dict, bucket: int) -> tuple[float, float]:
+    """(bytes held, bytes of a reduction in flight) of ZeRO-3's gradient reduction with a reduce bucket
+    of `bucket` elements, in communication_data_type (DeepSpeed 0.19.8):
+    - held: with contiguous_gradients, the bucket itself, allocated once in that dtype
+      (stage3.py:781-784); each gradient is copied into it, converted (:1626-1637);
+    - in flight: reduce_scatter_coalesced interleaves the bucket's gradients into one flat copy of
+      the same size and dtype (runtime/comm/coalesced_collectives.py:122). Without contiguous_gradients
+      there is no bucket, but a gradient in another dtype is first converted, one more copy (:1920).
+    So an fp32 reduction of bf16 gradients costs twice the bucket bytes of a bf16 one, in both."""
+    zero = ds_config.get("zero_optimization") or {}
+    c, m = BYTES[comm_dtype_name(ds_config)], BYTES[dtype_name(ds_config)]
+    if zero.get("contiguous_gradients", True):
+        return bucket * c, bucket * c
+    return 0.0, bucket * c * (1 if c == m else 2)
 
 
 def zero3_buffers(ds_config: dict) -> list[Buffer] | None:
@@ -380,29 +445,105 @@ def host_ram(cfg) -> tuple[float, float | None, str]:
 # The memory plan
 
 
-def memory_plan(
-    total: int, layer: int, largest: int, act_per_token: float, max_mb_tokens: int, ds_config: dict, W: int,
-    per_node: int,
-) -> dict:  # fmt: skip
-    """Bytes per GPU and per node of a run: `total` parameters, `layer` in its largest transformer layer,
-    `largest` in its largest module (DeepSpeed's estimator), micro-batches of up to `max_mb_tokens`
-    tokens of `act_per_token` bf16 activation bytes, W ranks, `per_node` per node.
+# NCCL's device buffers, outside torch's allocator: an estimate from NCCL's own buffer sizes
+# (src/include/device.h), not a measurement. Each connection to a peer holds one buffer per protocol:
+# Simple's NCCL_BUFFSIZE (default 4 MiB), LL128's 120 elements x 640 threads x 8 steps x 8 B
+# (4.6875 MiB) and LL's 8 lines x 512 threads x 8 steps x 16 B (0.5 MiB).
+NCCL_BUFFSIZE = 4 * 2**20
+NCCL_LL128_BYTES = 120 * 640 * 8 * 8
+NCCL_LL_BYTES = 8 * 512 * 8 * 16
+NCCL_CHANNELS = 32  # ring/tree channels on an NVLink node ("32 coll channels" in NCCL's INFO log; some show 24)
+NCCL_CONNECTIONS_PER_CHANNEL = 3  # one ring peer and two tree peers (up and down the intra-node chain)
+# NVLink SHARP, on by default on NVSwitch nodes (H100/H200) of more than 2 GPUs: 16 channels x 2 buffers of
+# 1 MiB (128 KiB chunk x 8 steps) per GPU of the node, as recent NCCL logs it on 8 H100s ("NVLS comm ...
+# nvlsTotalSize 268435456"); older releases used 4 MiB + 2 MiB buffers on more channels (nvlsTotalSize
+# 2415919104 logged on 8 H200s in 2024): set NCCL_NVLS_ENABLE=0 there, or count 2 GB more per communicator.
+NCCL_NVLS_CHANNELS = 16
+NCCL_NVLS_BUFFER = 2**20
+# torch's world group (ZeRO-3's all-gathers, the logging all-reduce) and DeepSpeed's clone of it (the
+# gradient reduce-scatters: utils/groups.py _clone_world_group): each is a communicator with its own buffers.
+NCCL_COMMUNICATORS = 2
 
-    GPU: need = the larger of forward/backward (model states + 2 gathered layers, the current and the
-    prefetched one, + the gradient reduce bucket + activations) and the optimizer step (model states +
-    its temporaries + the bucket). Host: need = the larger of our count (pinned blocks rounded, inside
-    the step) and DeepSpeed's estimate per node."""
+
+def nccl_buffers(W: int, per_node: int, env=None) -> tuple[float, str]:
+    """(bytes of NCCL buffers on each GPU, how they were counted): an estimate, see the constants above.
+    NCCL_BUFFSIZE and NCCL_NVLS_ENABLE=0 in the environment change it as they change NCCL."""
+    env = os.environ if env is None else env
+    if W <= 1:
+        return 0.0, "one GPU: no peers"
+    connection = int(env.get("NCCL_BUFFSIZE", NCCL_BUFFSIZE)) + NCCL_LL128_BYTES + NCCL_LL_BYTES
+    ring_tree = NCCL_CHANNELS * NCCL_CONNECTIONS_PER_CHANNEL * connection
+    how = (
+        f"{NCCL_COMMUNICATORS} communicators x ({NCCL_CHANNELS} channels x {NCCL_CONNECTIONS_PER_CHANNEL} "
+        f"connections x {connection / 2**20:g} MiB"
+    )
+    nvls = 0
+    if per_node > 2 and env.get("NCCL_NVLS_ENABLE", "1") != "0":
+        nvls = NCCL_NVLS_CHANNELS * 2 * NCCL_NVLS_BUFFER * per_node
+        how += f" + NVLink SHARP {nvls / 2**20:g} MiB"
+    return NCCL_COMMUNICATORS * (ring_tree + nvls), how + ")"
+
+
+def memory_plan(
+    shape: ModelShape, max_mb_tokens: int, ds_config: dict, W: int, per_node: int, kv_expanded: bool = False
+) -> dict:
+    """Bytes per GPU and per node of a run of the model `shape` with micro-batches of up to
+    `max_mb_tokens` tokens, W ranks, `per_node` per node; `kv_expanded`: the packed attention kernel
+    copies grouped KV heads up to the query heads (`packed_kernel_expands_kv`).
+
+    GPU, the largest of three moments, each on top of the model states (`zero3_memory`), the gathered
+    parameters (`live`) and the reduce bucket (`reduce_buffers`, held throughout):
+    - a layer's backward, early in the backward: every layer's checkpointed input is still held
+      (activations), + the reduce-scatter's copy of the bucket + the expanded K/V and their gradients;
+    - the embedding's backward, last: the activations are gone, but torch builds the embedding's dense
+      gradient (vocab x hidden, the model's dtype: at::zeros in EmbeddingBackwardKernel.cu) from fp32
+      partial sums of T/10 + min(T, vocab) rows (max_partial_segment, NROWS_PER_THREAD = 10; above 3072
+      tokens) of the output gradient (T x hidden); then, larger than the reduce bucket, that gradient is
+      reduce-scattered on its own (stage3.py:1626 leaves it out of the bucket), first converted to
+      communication_data_type (stage3.py:1920) and interleaved when W does not divide it
+      (coalesced_collectives.py:102-122);
+    - the optimizer step: the model states and the step's temporaries + the bucket.
+    Gathered parameters: ZeRO-3 stops prefetching at stage3_max_live_parameters, but adds a whole tensor
+    at a time (partitioned_param_coordinator.py:453-457), so up to that + the largest parameter are
+    gathered, and never more than the model. Outside torch's allocator: NCCL's buffers (`nccl_buffers`,
+    an estimate) and the CUDA context. The planned peak is the largest moment + those; what the GPU has
+    beyond it is the margin.
+
+    Host: need = the larger of our count (pinned blocks rounded, inside the step) and DeepSpeed's
+    estimate per node."""
     nodes = max(1, math.ceil(W / per_node))
     zero = ds_config.get("zero_optimization") or {}
-    m = BYTES[dtype_name(ds_config)]
-    ds_host, ds_gpu = deepspeed_estimate(total, largest, per_node, nodes, ds_config)
-    states = zero3_memory(total, W, per_node, ds_config)
-    gathered = 2 * layer * m
-    bucket = zero.get("reduce_bucket_size", REDUCE_BUCKET_SIZE)  # "auto": one layer, as build_ds_config resolves it
-    bucket = (layer if bucket == "auto" else bucket) * m if zero.get("contiguous_gradients", True) else 0
-    act = act_per_token * max_mb_tokens * m / 2
+    m, c = BYTES[dtype_name(ds_config)], BYTES[comm_dtype_name(ds_config)]
+    T = max_mb_tokens
+    largest_module = max(shape.layer, shape.vocab * shape.hidden)  # DeepSpeed's estimator's "largest layer"
+    ds_host, ds_gpu = deepspeed_estimate(shape.params, largest_module, per_node, nodes, ds_config)
+    states = zero3_memory(shape.params, W, per_node, ds_config)
+    max_live = zero.get("stage3_max_live_parameters", MAX_LIVE_PARAMETERS)
+    live = min(shape.params, max_live + shape.largest_param) * m
+    bucket_numel = zero.get("reduce_bucket_size", REDUCE_BUCKET_SIZE)
+    bucket_numel = shape.layer if bucket_numel == "auto" else bucket_numel  # as build_ds_config resolves it
+    bucket, reducing = reduce_buffers(ds_config, bucket_numel)
+    activations = shape.act_per_token * T * m / 2
+    kv = 4 * T * shape.heads * shape.head_dim * m if kv_expanded and shape.kv_heads < shape.heads else 0
+    embedding = shape.vocab * shape.hidden
+    embedding_grad = embedding * m
+    partials = (T // 10 + min(T, shape.vocab)) * shape.hidden * 4 if T > 3072 else 0
+    output_grad = T * shape.hidden * m
+    copies = (c != m) + (embedding % W != 0) if embedding > bucket_numel else 0
+    embedding_reduce = embedding * c * copies
     gpu_states = states.gpu if states else ds_gpu
-    gpu_step = states.gpu_step if states else ds_gpu
+    layer_backward = gpu_states + live + bucket + reducing + activations + kv
+    embedding_backward = (
+        gpu_states + live + bucket + embedding_grad + max(output_grad + partials, reducing, embedding_reduce)
+    )
+    step = (states.gpu_step if states else ds_gpu) + bucket
+    moments = {
+        "a layer's backward": layer_backward,
+        "the embedding's backward": embedding_backward,
+        "the optimizer step": step,
+    }
+    when = max(moments, key=moments.get)
+    nccl, nccl_how = nccl_buffers(W, per_node)
     host = states.host_node_step if states else 0
     return {
         "states": states,
@@ -410,11 +551,25 @@ def memory_plan(
         "nodes": nodes,
         "per_node": per_node,
         "gpu_states": gpu_states,
-        "gpu_step": gpu_step + bucket,
-        "working": gathered + bucket,
-        "activations": act,
-        "gpu_backward": gpu_states + gathered + bucket + act,
-        "gpu_need": max(gpu_states + gathered + bucket + act, gpu_step + bucket),
+        "live": live,
+        "max_live": max_live,
+        "largest_param": shape.largest_param,
+        "reduce_bucket": bucket,
+        "reduce_copy": reducing,
+        "reduce_dtype": comm_dtype_name(ds_config),
+        "activations": activations,
+        "kv_copies": kv,
+        "embedding_grad": embedding_grad,
+        "embedding_partials": partials,
+        "embedding_output_grad": output_grad,
+        "embedding_reduce_copy": embedding_reduce,
+        "gpu_layer_backward": layer_backward,
+        "gpu_embedding_backward": embedding_backward,
+        "gpu_step": step,
+        "gpu_peak_when": when,
+        "nccl": nccl,
+        "nccl_how": nccl_how,
+        "gpu_peak": moments[when] + nccl + CUDA_CONTEXT,
         "deepspeed_gpu": ds_gpu,
         "deepspeed_host": ds_host,
         "host_ours": host,
@@ -430,41 +585,67 @@ def _terms(buffers: list[Buffer], device: str, step_only: bool = False) -> str:
     )
 
 
-def memory_lines(p: dict, max_mb_tokens: int, gpu: tuple | None, host: tuple) -> list[str]:
-    """The plan's memory lines: per GPU, per node, and whether each fits."""
+INDENT = " " * 11  # continuation lines of the plan, under its 11-character labels
+
+
+def gpu_lines(p: dict, shape: ModelShape, max_mb_tokens: int, gpu: tuple | None) -> list[str]:
+    """The plan's GPU lines: what one GPU holds at each moment (`memory_plan`), the planned peak, the margin."""
     s: Zero3Memory | None = p["states"]
     if s:
-        gpu_b = bytes_per_param(s.buffers, "gpu")
         states = (
-            f"model states {gb(p['gpu_states'])} ({gpu_b} B/param x {s.partition:,.0f} parameters per GPU: "
-            f"{_terms(s.buffers, 'gpu')})"
+            f"model states {gb(p['gpu_states'])} ({bytes_per_param(s.buffers, 'gpu')} B/param x {s.partition:,.0f} "
+            f"parameters per GPU: {_terms(s.buffers, 'gpu')})"
         )
-        step = (
-            f"; optimizer step {gb(p['gpu_step'])} (+ {_terms(s.buffers, 'gpu', True)} B/param)"
-            if bytes_per_param(s.buffers, "gpu", True)
-            else ""
-        )
+        step_terms = _terms(s.buffers, "gpu", True)
     else:
         states = f"model states {gb(p['gpu_states'])} (DeepSpeed's estimator; this ZeRO setting is not counted)"
-        step = ""
+        step_terms = ""
+    c, T = p["reduce_dtype"], max_mb_tokens
+    if p["kv_copies"]:
+        kv = f" + K/V expanded to {shape.heads} heads and their gradients {gb(p['kv_copies'])}"
+    elif shape.kv_heads < shape.heads:
+        kv = f" (the packed kernel takes the {shape.kv_heads} KV heads as they are: no K/V copies)"
+    else:
+        kv = ""
+    reduce_copy = (
+        f"its {c} copy to reduce-scatter {gb(p['embedding_reduce_copy'])}, " if p["embedding_reduce_copy"] else ""
+    )
     lines = [
-        f"memory/GPU {states} + 2 gathered layers and the reduce bucket {gb(p['working'])} + activations "
-        f"{gb(p['activations'])} (estimate for {max_mb_tokens:,} tokens) = {gb(p['gpu_backward'])}{step}; "
-        f"DeepSpeed's estimator: model states {gb(p['deepspeed_gpu'])}"
+        f"memory/GPU {states}",
+        f"{INDENT}+ gathered parameters <= {gb(p['live'])} (stage3_max_live_parameters {p['max_live']:,} + the "
+        f"largest parameter {p['largest_param']:,}) + {c} reduce bucket {gb(p['reduce_bucket'])} "
+        f"(communication_data_type)",
+        f"{INDENT}a layer's backward {gb(p['gpu_layer_backward'])}: + activations {gb(p['activations'])} (estimate for "
+        f"{T:,} tokens) + the bucket's reduce-scatter copy {gb(p['reduce_copy'])}{kv}",
+        f"{INDENT}the embedding's backward {gb(p['gpu_embedding_backward'])}: + its dense gradient "
+        f"{gb(p['embedding_grad'])} ({shape.vocab:,} x {shape.hidden:,}) + the largest of: fp32 partial sums "
+        f"{gb(p['embedding_partials'])} with the output gradient {gb(p['embedding_output_grad'])}, {reduce_copy}"
+        f"the bucket's reduce-scatter copy {gb(p['reduce_copy'])}",
+        f"{INDENT}the optimizer step {gb(p['gpu_step'])}" + (f" (+ {step_terms} B/param)" if step_terms else ""),
+        f"{INDENT}outside torch's allocator: NCCL buffers {gb(p['nccl'])} (estimate: {p['nccl_how']}) + CUDA context "
+        f"{gb(CUDA_CONTEXT)}",
+        f"{INDENT}planned peak {gb(p['gpu_peak'])}: {p['gpu_peak_when']} + outside the allocator; DeepSpeed's "
+        f"estimator {gb(p['deepspeed_gpu'])} (model states + the largest layer gathered, and its gradient)",
     ]
     if gpu is None:
         lines.append("GPU fits?  no GPU visible: pass --gpu-memory-gb (GB = 1e9 bytes; 80 for an 80 GB GPU) to check")
-    else:
-        usable = GPU_HEADROOM * gpu[0] - GPU_CONTEXT
-        verdict = (
-            "fits"
-            if p["gpu_need"] <= usable
-            else "DOES NOT FIT: lower --max-tokens-per-gpu or use ds_configs/zero3_offload.json"
-        )
-        lines.append(f"GPU fits?  {verdict} ({gb(p['gpu_need'])} of {gb(usable)} usable on {gb(gpu[0])}, {gpu[1]})")
+        return lines
+    total, where = gpu
+    margin, keep = total - p["gpu_peak"], (1 - GPU_HEADROOM) * total
+    verdict = (
+        "fits" if margin >= keep else "DOES NOT FIT: lower --max-tokens-per-gpu or use ds_configs/zero3_offload.json"
+    )
+    lines.append(
+        f"GPU fits?  {verdict}: margin {gb(margin)} = {gb(total)} ({where}) - planned peak {gb(p['gpu_peak'])}; "
+        f"at least {gb(keep)} ({1 - GPU_HEADROOM:.0%}) must stay for the allocator's fragmentation"
+    )
+    return lines
 
+
+def host_lines(p: dict, host: tuple) -> list[str]:
+    """The plan's host lines: what the optimizer offload keeps in each node's RAM, and whether it fits."""
+    s: Zero3Memory | None = p["states"]
     ranks = f"{p['per_node']} rank(s) per node, {p['nodes']} node(s)"
-    offloads_optimizer = p["offload"]
     if s and bytes_per_param(s.buffers, "host"):
         host_b = bytes_per_param(s.buffers, "host")
         ours = (
@@ -478,13 +659,13 @@ def memory_lines(p: dict, max_mb_tokens: int, gpu: tuple | None, host: tuple) ->
     else:
         ours = "no model states in host memory"
         est = f"DeepSpeed's estimator {gb(p['deepspeed_host'])} (its allowance for loading under zero.Init)"
-    lines.append(f"host/node  {ranks}: {ours}; {est}; checked: the larger, {gb(p['host_need'])}")
+    lines = [f"host/node  {ranks}: {ours}; {est}; checked: the larger, {gb(p['host_need'])}"]
     ram, available, source = host
     usable = HOST_HEADROOM * ram
     now = f"; {gb(available)} available now" if available is not None else ""
     if p["host_need"] <= usable:
         verdict = "fits"
-    elif offloads_optimizer:
+    elif p["offload"]:
         verdict = (
             "DOES NOT FIT: more nodes (the offloaded states per node fall with their number), or "
             "ds_configs/zero3_bf16.json on GPUs that hold the optimizer"
@@ -496,6 +677,11 @@ def memory_lines(p: dict, max_mb_tokens: int, gpu: tuple | None, host: tuple) ->
         f"{source}{now}; --host-memory-gb for another node)"
     )
     return lines
+
+
+def memory_lines(p: dict, shape: ModelShape, max_mb_tokens: int, gpu: tuple | None, host: tuple) -> list[str]:
+    """The plan's memory lines: per GPU, per node, and whether each fits."""
+    return gpu_lines(p, shape, max_mb_tokens, gpu) + host_lines(p, host)
 
 
 def print_plan(cfg, data, model_config, ds_config: dict, W: int, lengths, T: int):
@@ -515,7 +701,7 @@ def print_plan(cfg, data, model_config, ds_config: dict, W: int, lengths, T: int
         keys = f"all {len(encoder.state_dict())} encoder tensors present" + (
             f"; dropped (not part of the encoder): {report['dropped']}" if report["dropped"] else ""
         )
-    total, layer = model_sizes(model_config)
+    shape = model_shape(model_config)
     steps_per_epoch = math.ceil(len(data) / cfg.global_batch_size)
     plans = step_plans(cfg, data, W, lengths, steps_per_epoch)
     tokens = np.array([p["tokens"] for p in plans])
@@ -524,10 +710,9 @@ def print_plan(cfg, data, model_config, ds_config: dict, W: int, lengths, T: int
 
     zero = ds_config["zero_optimization"]
     offload, _ = offloads(ds_config)
-    largest = max(layer, model_config.vocab_size * model_config.hidden_size)  # the embedding, for Llama
-    memory = memory_plan(
-        total, layer, largest, activation_bytes_per_token(model_config), max_mb, ds_config, W, ranks_per_node(W)
-    )
+    # the kernel this machine's torch would run on CUDA: run the dry run where the training runs
+    expands_kv = packed_kernel_expands_kv()
+    memory = memory_plan(shape, max_mb, ds_config, W, ranks_per_node(W), expands_kv)
     micro = (
         f"{cfg.micro_batch_size} queries per forward"
         if cfg.micro_batch_size
@@ -538,18 +723,22 @@ def print_plan(cfg, data, model_config, ds_config: dict, W: int, lengths, T: int
         f"memory in GB = 1e9 bytes",
         f"data       {cfg.data}: {len(data)} queries, {cfg.num_negatives} negatives each, "
         f"tokenizer {data.meta['tokenizer']}",
-        f"model      {cfg.model}: {model_config.model_type}, {total:,} parameters, largest layer {layer:,}; {keys}",
+        f"model      {cfg.model}: {model_config.model_type}, {shape.params:,} parameters, largest layer "
+        f"{shape.layer:,}; {keys}",
         f"steps      {cfg.epochs} epoch(s) x {steps_per_epoch} = {cfg.epochs * steps_per_epoch} steps"
         + (f", stopping at --max-steps {cfg.max_steps}" if cfg.max_steps else "")
         + f"; LR schedule length T = {T} (warmup {cfg.warmup_steps}, lr {cfg.lr:g})",
         f"per step   {cfg.global_batch_size} queries = {cfg.global_batch_size // W} per GPU; tokens mean "
         f"{tokens.mean():,.0f}, max {tokens.max():,} (all GPUs, no padding)",
         f"micro      {micro}: micro-batches per GPU per step mean {mbs.mean():.2f}, max {mbs.max()}; "
-        f"largest micro-batch {max_mb:,} tokens",
+        f"largest micro-batch {max_mb:,} tokens; packed attention on CUDA: {packed_kernel_name()}"
+        + (" (KV heads expanded to the query heads)" if expands_kv else ""),
         f"zero       prefetch bucket {zero.get('stage3_prefetch_bucket_size')}, reduce bucket "
         f"{zero.get('reduce_bucket_size')}, persistence threshold {zero.get('stage3_param_persistence_threshold')}, "
         f"grad accumulation {ds_config.get('data_types', {}).get('grad_accum_dtype', 'model dtype')}, "
+        f"gradient reduction {comm_dtype_name(ds_config)} (communication_data_type), "
+        f"max live parameters {zero.get('stage3_max_live_parameters', MAX_LIVE_PARAMETERS):,}, "
         f"optimizer offload {'on' if offload else 'off'}",
-        *memory_lines(memory, max_mb, gpu_memory(cfg), host_ram(cfg)),
+        *memory_lines(memory, shape, max_mb, gpu_memory(cfg), host_ram(cfg)),
     ]
     print("\n".join(lines), flush=True)

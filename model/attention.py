@@ -70,14 +70,16 @@ def adapt_varlen(fn) -> "callable":
 
 @functools.cache
 def _varlen_kernel() -> tuple:
-    """(name, run) of the fastest variable-length attention on CUDA; run is None when there is none."""
+    """(name, run, expands_kv) of the fastest variable-length attention on CUDA; run is None when there
+    is none. expands_kv: grouped KV heads are copied up to the query heads (repeat_interleave) before
+    the kernel, as the per-segment fallback and a varlen_attn without `enable_gqa` need."""
     try:
         from flash_attn import flash_attn_varlen_func
 
         def run(q, k, v, cu, max_len, scale, causal=False):  # flash-attn handles GQA itself
             return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=causal)
 
-        return "flash-attn flash_attn_varlen_func", run
+        return "flash-attn flash_attn_varlen_func", run, False
     except ModuleNotFoundError as e:
         if e.name != "flash_attn":  # flash_attn is there but one of its own imports is not
             why = f"flash-attn not used: {type(e).__name__}: {e}"
@@ -88,14 +90,23 @@ def _varlen_kernel() -> tuple:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return f"per-segment SDPA (slow fallback: torch {torch.__version__} has no varlen_attn; {why})", None
-    return f"torch.nn.attention.varlen.varlen_attn (torch {torch.__version__}; {why})", adapt_varlen(varlen_attn)
+        return f"per-segment SDPA (slow fallback: torch {torch.__version__} has no varlen_attn; {why})", None, True
+    gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
+    name = f"torch.nn.attention.varlen.varlen_attn (torch {torch.__version__}; {why})"
+    return name, adapt_varlen(varlen_attn), not gqa
 
 
 def packed_kernel_name() -> str:
     """Which kernel the packed path runs on CUDA in bf16/fp16 (CPU, fp32 and dropout always take the
     per-segment SDPA path)."""
     return _varlen_kernel()[0]
+
+
+def packed_kernel_expands_kv() -> bool:
+    """Does that kernel need the KV heads expanded to the query heads (a model with fewer KV heads
+    than query heads then holds K and V copied up to all heads, and their gradients, in a layer's
+    backward)?"""
+    return _varlen_kernel()[2]
 
 
 def packed_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout=0.0, causal=False):

@@ -372,7 +372,7 @@ def test_a_broken_flash_attn_falls_back_to_torch_varlen_and_says_why(body, why, 
         monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
     attention._varlen_kernel.cache_clear()
     try:
-        name, run = attention._varlen_kernel()
+        name, run, _ = attention._varlen_kernel()
     finally:
         attention._varlen_kernel.cache_clear()
     assert name.startswith("torch.nn.attention.varlen.varlen_attn") and run is not None, name

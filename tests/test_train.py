@@ -588,9 +588,15 @@ def test_dry_run_prints_the_plan_without_loading_weights(setup, tmp_path, monkey
     assert "dropped (not part of the encoder): ['lm_head.weight']" in out
     assert "all 20 encoder tensors present" in out  # embeddings, 2 layers x 9, final norm
     assert "micro-batches per GPU per step mean" in out and "memory in GB = 1e9 bytes" in out
-    assert "GPU fits?  fits (" in out and "on 80.0 GB, --gpu-memory-gb 80)" in out  # 80e9 bytes
+    assert "GPU fits?  fits: margin " in out and " = 80.0 GB (--gpu-memory-gb 80) - planned peak " in out  # 80e9 B
     assert "host fits? fits (" in out and "no model states in host memory" in out  # this machine's RAM
     assert "grad accumulation fp32" in out  # bf16 with several micro-batches per step
+    assert "gradient reduction fp32 (communication_data_type)" in out and "fp32 reduce bucket" in out
+    # what the GPU holds beyond the model states (plan.memory_plan): all of a tiny model can be gathered
+    assert "gathered parameters <= 0.0 GB (stage3_max_live_parameters 1,000,000,000 + the largest" in out
+    assert "the embedding's backward" in out and "its dense gradient" in out
+    assert "NCCL buffers 1.8 GB (estimate: 2 communicators x (32 channels x 3 connections" in out  # 2 GPUs
+    assert "planned peak" in out
     layer = sum(v.numel() for k, v in tiny_llama(0).state_dict().items() if k.startswith("layers.0."))
     assert f"prefetch bucket {layer}, reduce bucket {layer}" in out  # "auto": one layer's parameters
     assert not (tmp_path / "out").exists()  # nothing written
