@@ -71,6 +71,7 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     act_per_token: float  # `activation_bytes_per_token`, bf16 bytes
+    intermediate: int = 0  # the MLP's width (a no-grad forward's working set)
 
 
 def model_shape(model_config) -> ModelShape:
@@ -88,6 +89,7 @@ def model_shape(model_config) -> ModelShape:
         kv_heads=getattr(model_config, "num_key_value_heads", None) or heads,
         head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // heads,
         act_per_token=activation_bytes_per_token(model_config),
+        intermediate=getattr(model_config, "intermediate_size", 4 * model_config.hidden_size),
     )
 
 
@@ -484,8 +486,32 @@ def nccl_buffers(W: int, per_node: int, env=None) -> tuple[float, str]:
     return NCCL_COMMUNICATORS * (ring_tree + nvls), how + ")"
 
 
+# The evaluation during training's device buffers besides a forward (train_eval.py, retrieval.search): the
+# queries summed over the ranks in blocks of REDUCE_BLOCK_BYTES, or the search's blocks: 1,024 queries and
+# 16,384 documents in fp32 and a score block of at most 2^24 fp32 values with its top-k working copy. The
+# embeddings themselves stay in host memory, whatever the corpus.
+EVAL_REDUCE_BLOCK_BYTES = 1 << 28
+EVAL_QUERY_BLOCK, EVAL_DOC_BLOCK, EVAL_SCORE_BLOCK = 1024, 16384, 1 << 24
+
+
+def eval_buffers(shape: ModelShape, eval_tokens: int, m: int) -> tuple[float, float]:
+    """(a no-grad forward's working set, the search's or the query sum's blocks) in bytes per GPU, for
+    the evaluation's packs of `eval_tokens` tokens: one layer at a time holds its normed input, q, k, v,
+    the attention and o-projection outputs, and the MLP's gate, up and product, in the model's dtype."""
+    kv = shape.kv_heads * shape.head_dim
+    forward = eval_tokens * (4 * shape.hidden + 2 * kv + 3 * shape.intermediate) * m
+    search = (EVAL_QUERY_BLOCK + EVAL_DOC_BLOCK) * shape.hidden * 4 + 2 * EVAL_SCORE_BLOCK * 4
+    return forward, max(EVAL_REDUCE_BLOCK_BYTES, search)
+
+
 def memory_plan(
-    shape: ModelShape, max_mb_tokens: int, ds_config: dict, W: int, per_node: int, kv_expanded: bool = False
+    shape: ModelShape,
+    max_mb_tokens: int,
+    ds_config: dict,
+    W: int,
+    per_node: int,
+    kv_expanded: bool = False,
+    eval_tokens: int | None = None,
 ) -> dict:
     """Bytes per GPU and per node of a run of the model `shape` with micro-batches of up to
     `max_mb_tokens` tokens, W ranks, `per_node` per node; `kv_expanded`: the packed attention kernel
@@ -502,7 +528,9 @@ def memory_plan(
       reduce-scattered on its own (stage3.py:1626 leaves it out of the bucket), first converted to
       communication_data_type (stage3.py:1920) and interleaved when W does not divide it
       (coalesced_collectives.py:102-122);
-    - the optimizer step: the model states and the step's temporaries + the bucket.
+    - the optimizer step: the model states and the step's temporaries + the bucket;
+    - with `eval_tokens` (the evaluation during training's packs), the evaluation: a no-grad forward's
+      working set or the search's blocks (`eval_buffers`); the embeddings stay in host memory.
     Gathered parameters: ZeRO-3 stops prefetching at stage3_max_live_parameters, but adds a whole tensor
     at a time (partitioned_param_coordinator.py:453-457), so up to that + the largest parameter are
     gathered, and never more than the model. Outside torch's allocator: NCCL's buffers (`nccl_buffers`,
@@ -542,6 +570,9 @@ def memory_plan(
         "the embedding's backward": embedding_backward,
         "the optimizer step": step,
     }
+    eval_forward, eval_search = eval_buffers(shape, eval_tokens, m) if eval_tokens else (0, 0)
+    if eval_tokens:
+        moments["the evaluation"] = gpu_states + live + bucket + max(eval_forward, eval_search)
     when = max(moments, key=moments.get)
     nccl, nccl_how = nccl_buffers(W, per_node)
     host = states.host_node_step if states else 0
@@ -566,6 +597,10 @@ def memory_plan(
         "gpu_layer_backward": layer_backward,
         "gpu_embedding_backward": embedding_backward,
         "gpu_step": step,
+        "eval_tokens": eval_tokens,
+        "eval_forward": eval_forward,
+        "eval_search": eval_search,
+        "gpu_eval": moments.get("the evaluation", 0),
         "gpu_peak_when": when,
         "nccl": nccl,
         "nccl_how": nccl_how,
@@ -622,6 +657,15 @@ def gpu_lines(p: dict, shape: ModelShape, max_mb_tokens: int, gpu: tuple | None)
         f"{gb(p['embedding_partials'])} with the output gradient {gb(p['embedding_output_grad'])}, {reduce_copy}"
         f"the bucket's reduce-scatter copy {gb(p['reduce_copy'])}",
         f"{INDENT}the optimizer step {gb(p['gpu_step'])}" + (f" (+ {step_terms} B/param)" if step_terms else ""),
+        *(
+            [
+                f"{INDENT}the evaluation {gb(p['gpu_eval'])}: + the larger of a no-grad forward of "
+                f"{p['eval_tokens']:,} tokens {gb(p['eval_forward'])} (estimate) and the search's blocks "
+                f"{gb(p['eval_search'])}; the embeddings stay in host memory, whatever the corpus"
+            ]
+            if p["eval_tokens"]
+            else []
+        ),
         f"{INDENT}outside torch's allocator: NCCL buffers {gb(p['nccl'])} (estimate: {p['nccl_how']}) + CUDA context "
         f"{gb(CUDA_CONTEXT)}",
         f"{INDENT}planned peak {gb(p['gpu_peak'])}: {p['gpu_peak_when']} + outside the allocator; DeepSpeed's "
@@ -712,7 +756,8 @@ def print_plan(cfg, data, model_config, ds_config: dict, W: int, lengths, T: int
     offload, _ = offloads(ds_config)
     # the kernel this machine's torch would run on CUDA: run the dry run where the training runs
     expands_kv = packed_kernel_expands_kv()
-    memory = memory_plan(shape, max_mb, ds_config, W, ranks_per_node(W), expands_kv)
+    eval_tokens = (cfg.eval_max_tokens or cfg.max_tokens_per_gpu) if (cfg.eval_beir or cfg.eval_data) else None
+    memory = memory_plan(shape, max_mb, ds_config, W, ranks_per_node(W), expands_kv, eval_tokens)
     micro = (
         f"{cfg.micro_batch_size} queries per forward"
         if cfg.micro_batch_size

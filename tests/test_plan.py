@@ -186,6 +186,31 @@ def test_8b_recipe_with_zero3_bf16_per_gpu():
     assert min(p["gpu_layer_backward"], p["gpu_embedding_backward"], p["gpu_step"]) > p["deepspeed_gpu"]
 
 
+def test_the_evaluation_during_training_is_counted_and_does_not_grow_with_the_corpus():
+    """--eval-beir on the 8B recipe: a no-grad forward of the evaluation's packs or the search's blocks,
+    on top of what is held; no term of the corpus (MS MARCO's 8.8M passages would be 18 GB per GPU at
+    D = 4,096 on 8 ranks if the embeddings stayed on the device)."""
+    cfg = tb.TrainConfig(deepspeed=str(REPO / "ds_configs" / "zero3_bf16.json"))
+    ds = tb.build_ds_config(cfg, 8, llama_config("8b"))
+    shape, T = shape_8b(), 49152
+    p = plan.memory_plan(shape, T, ds, 8, 8, eval_tokens=T)
+    # one layer's no-grad working set: normed input, q, o, attention output (4 d), k and v (2 x 1,024), the
+    # MLP's gate, up and product (3 x 14,336), bf16
+    assert p["eval_forward"] == T * (4 * 4096 + 2 * 1024 + 3 * 14336) * 2  # 6.0 GB
+    # the search's blocks at D = 4,096: 1,024 queries and 16,384 documents in fp32, a score block and its copy
+    assert p["eval_search"] == (1024 + 16384) * 4096 * 4 + 2 * 2**24 * 4  # 0.4 GB, > the 256 MiB of the query sum
+    held = p["gpu_states"] + p["live"] + p["reduce_bucket"]
+    assert p["gpu_eval"] == held + p["eval_forward"]  # 26.8 GB: below a layer's backward
+    assert p["gpu_peak_when"] == "a layer's backward" and p["gpu_eval"] < 30e9
+    lines = "\n".join(plan.memory_lines(p, shape, T, (80e9, "--gpu-memory-gb 80"), (256e9, None, "256")))
+    assert "the evaluation 26.8 GB: + the larger of a no-grad forward of 49,152 tokens 6.0 GB (estimate)" in lines
+    assert "the embeddings stay in host memory, whatever the corpus" in lines
+    # without evaluation, no such moment
+    assert "the evaluation" not in "\n".join(
+        plan.memory_lines(plan.memory_plan(shape, T, ds, 8, 8), shape, T, None, (256e9, None, "256"))
+    )
+
+
 def test_what_the_gpu_holds_follows_the_kernel_the_gpus_and_the_model():
     ds = tb.build_ds_config(
         tb.TrainConfig(deepspeed=str(REPO / "ds_configs" / "zero3_bf16.json")), 8, llama_config("8b")
