@@ -365,8 +365,10 @@ except (OSError, ValueError) as e:
     sys.exit(print(f"FAIL no output to compare ({type(e).__name__}: {e})"))
 same = a.equals(b)
 differ = [c for c in a.column_names if c not in b.column_names or not a[c].equals(b[c])]
-rescored = {k: v for k, v in stats.items() if "rescor" in k}
-print(("PASS identical " if same else f"FAIL columns differ: {differ}; ") + f"{a.num_rows} queries; {rescored}")
+search = stats.get("search") or {}
+print(("PASS identical " if same else f"FAIL columns differ: {differ}; ") + f"{a.num_rows} queries; bf16 search: "
+      f"filter {search.get('filter')}, {search.get('pairs_rescored_per_query')} pairs rescored per query, corpus on "
+      f"the device {search.get('corpus_on_device')}")
 PY
 )
     case $verdict in
