@@ -152,6 +152,9 @@ def test_a_query_left_without_negatives_is_said_with_the_flag_that_skips_it(tmp_
     mn.print_summary(stats)
     out = capsys.readouterr().out
     assert "queries left without any negative: 1 " in out and "prepare_data.py" in out and "--skip-invalid" in out
+    # query 0's lowest positive scores -1: threshold -1 x (2 - 0.95), below it, and counted
+    assert stats["queries_with_lowest_positive_at_or_below_0"]["count"] == 1
+    assert "queries whose lowest positive scores <= 0 (threshold s - (1 - margin)|s|, not margin x s): 1" in out
 
 
 def test_a_hub_teacher_is_cached_by_name_and_revision(tmp_path):
@@ -409,6 +412,12 @@ def test_cli_two_teachers_keep_existing_matches_reference_and_prepares(tmp_path,
     stats = json.loads((out / "SciFact" / "mining_stats.json").read_text())
     assert [t["query_prompt"] for t in stats["teachers"]] == ["", "claim: "]
     assert [t["max_length"] for t in stats["teachers"]] == [96, 96]
+    search = stats["search"]  # the CPU: the fp32 GEMM as the filter, 3 query blocks of 8
+    assert (search["precision"], search["filter"], search["corpus_on_device"]) == ("fp32", "fp32 GEMM", ["stream"])
+    assert search["pairs_rescored_per_query"] > 0 and search["bytes_moved_per_query_block"]["query_blocks"] == 3
+    unit_rows = retrieval.filter_error_bound([384, 384], [1.0, 1.0], [1.0, 1.0], 0.0, False)
+    assert search["error_bound"]["unit_rows"] == unit_rows and 0 < search["error_bound"]["max_used"] < 1.01 * unit_rows
+    assert stats["queries_with_lowest_positive_at_or_below_0"]["count"] == 0
     chunks = -(-stats["num_docs"] // 40)  # the second teacher reads the first one's corpus chunks: same key
     assert stats["embedding"][1]["corpus"]["chunks_cached"] == stats["embedding"][1]["corpus"]["chunks"] == chunks
 
@@ -681,19 +690,23 @@ def read_mined(out: Path) -> tuple[list, list]:
 
 @pytest.mark.slow(minutes=0.4)
 def test_two_ranks_give_the_negatives_of_one(tmp_path, llama_tokenizer_path):
+    """Bit for bit: 1 rank with the fp32 filter and 2 ranks with the bf16 filter and other blocks give the
+    same negatives, scores, positive scores and dropped counts (one canonical score per pair)."""
     subset = small_subset(tmp_path / "raw" / "SciFact", num_queries=20, num_docs=120)
     teacher = save_tiny_llama(tmp_path / "tiny_llama")
     one = tmp_path / "one"
-    assert run_mine(*mine_cmd(subset, teacher, one)) == 0
+    assert run_mine(*mine_cmd(subset, teacher, one, "--search-precision", "fp32")) == 0
     cmd = [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "mine_negatives.py")]
-    res = subprocess.run(cmd + mine_cmd(subset, teacher, tmp_path / "two"), env=env(), capture_output=True, text=True,
-                         timeout=600, start_new_session=True)  # fmt: skip
+    blocks = ["--query-block", 3, "--doc-block", 17]
+    two = mine_cmd(subset, teacher, tmp_path / "two", "--search-precision", "bf16", *blocks)
+    res = subprocess.run(cmd + two, env=env(), capture_output=True, text=True, timeout=600, start_new_session=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    tables = [pq.read_table(out / "SciFact" / "queries.parquet") for out in (one, tmp_path / "two")]
+    for col in ("neg_doc", "neg_scores", "pos_scores", "num_dropped"):
+        assert tables[0][col].to_pylist() == tables[1][col].to_pylist(), col
     stats = json.loads((tmp_path / "two" / "SciFact" / "mining_stats.json").read_text())
-    assert stats["world_size"] == 2
-    (n1, s1), (n2, s2) = read_mined(one), read_mined(tmp_path / "two")
-    assert n1 == n2
-    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(s1, s2, strict=True))
+    assert stats["world_size"] == 2 and stats["search"]["precision"] == "bf16"
+    assert stats["search"]["bytes_moved_per_query_block"]["query_blocks"] == 7  # 20 queries, <= 3 a block
 
 
 @pytest.mark.slow(minutes=0.3)
