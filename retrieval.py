@@ -179,8 +179,8 @@ def filter_error_bound(dims, q_norms, d_norms, input_roundoff: float, output_rou
     Then the mean over T teachers (M = the mean of N, E = the mean of the teachers' e):
       the filter's T - 1 fp32 additions and its division by T   (T + 1) 2^-24 (M + E)   (T > 1)
       the canonical score's one rounding to fp32                2^-24 (M + E)
-      low +- e computed and compared in fp32, the canonical
-      score's float64 additions and division                    2^-21 (M + E)
+      the canonical score's float64 additions and division,
+      and a margin                                              2^-21 (M + E)
     About 0.0088 for unit rows of 4,096 dimensions in bf16 with an fp32 output, 0.0128 with a bf16 output
     (the output rounding is a third of it), 0.00098 for the fp32 GEMM (0.0020 if it may use TF32)."""
     u, T = input_roundoff, len(dims)
@@ -255,6 +255,12 @@ def fp32_reductions():
         yield
     finally:
         m.allow_bf16_reduced_precision_reduction = saved if len(saved) > 1 else saved[0]
+
+
+def rounded(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """float64 -> the next float32 at or above x (up) or at or below it: fp32 comparisons against it never
+    cross x."""
+    return torch.nextafter(x.float(), torch.tensor(math.inf if up else -math.inf, device=x.device))
 
 
 def max_norms(x: list[torch.Tensor]) -> torch.Tensor:
@@ -418,7 +424,6 @@ def search(
                 df, d32, d_norm = corpus_block(c0, c1)
                 e64 = filter_error_bound(dims, q_norm, d_norm, u_in, mode == "bf16")
                 bound_max = torch.maximum(bound_max, e64)
-                e = (e64 * (1 + 2.0**-20)).float()  # rounded up past fp32's own rounding
                 sel = (ec >= c0) & (ec < c1)
                 pr = torch.from_numpy(er[sel]).to(device)
                 pc_ = torch.from_numpy(ec[sel] - c0).to(device)
@@ -428,20 +433,23 @@ def search(
                     low = block_scores([x[s0:s1] for x in qf], df, mode)  # (rows, docs)
                     m = (pr >= s0) & (pr < s1)
                     low[pr[m] - s0, pc_[m]] = -math.inf  # never a negative, never counted as dropped
-                    t = th[s0:s1]
-                    lo, hi = low - e, low.add_(e)  # the canonical score lies in [lo, hi]
-                    sure_above = lo >= t
-                    dropped[s0:s1] += sure_above.sum(1)
-                    # a lower bound on the k-th best canonical score below the threshold: k sure candidates
-                    # (hi < threshold) score at least their lo, the k kept ones at least the k-th kept
+                    # the canonical score c lies in [low - e, low + e]: per-row cuts on low, rounded outwards
+                    t = th[s0:s1].double()
+                    # a lower bound on the k-th best c below the threshold: the k-th kept one (from earlier
+                    # corpus blocks); while a row has fewer, the k-th largest low - e among the block's sure
+                    # candidates (low + e < t)
                     floor = best_v[s0:s1, -1:]
-                    if c1 - c0 >= k_eff:
-                        kth = lo.masked_fill_(hi >= t, -math.inf).topk(k_eff, dim=1).values[:, -1:]
-                        floor = torch.maximum(floor, kth)
-                    need = (hi >= floor.clamp(min=torch.finfo(torch.float32).min)) & ~sure_above
-                    nr, nc = need.nonzero(as_tuple=True)
-                    need_r.append(nr + s0)
-                    need_c.append(nc)
+                    if c1 - c0 >= k_eff and bool(torch.isneginf(floor).any()):
+                        sure = low.masked_fill(low >= rounded(t - e64, up=False), -math.inf)
+                        kth = sure.topk(k_eff, dim=1).values[:, -1:]
+                        floor = torch.maximum(floor, rounded(kth.double() - e64, up=False))
+                    # every pair whose c can reach the k-th best (low + e >= floor, a cut below the threshold)
+                    cut = rounded(floor.double() - e64, up=False).clamp(min=torch.finfo(torch.float32).min)
+                    cr, cc = (low >= cut).nonzero(as_tuple=True)
+                    above = low[cr, cc] >= rounded(t + e64, up=True)[cr, 0]  # low - e >= t: c >= t, dropped
+                    dropped[s0:s1] += torch.bincount(cr[above], minlength=s1 - s0)
+                    need_r.append(cr[~above] + s0)  # the rest: rescored
+                    need_c.append(cc[~above])
                 nr, nc = torch.cat(need_r), torch.cat(need_c)
                 rescored += len(nr)
                 if len(nr):
