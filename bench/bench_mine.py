@@ -411,8 +411,8 @@ def projection(args) -> dict:
     search = T * 2 * Q * P * D
     gpus, bf16, fp32, hbm = 8, 989e12, 67e12, 3.35e12
     # rescoring (retrieval.canonical_scores): per pair and teacher, the query and document rows gathered in
-    # fp32, both cast to float64, multiplied, summed by halves; bytes read and written in device memory
-    per_pair = T * D * (16 + 24 + 24 + 24)  # gathers 4+4 / 4+4, casts 4+8 x 2, product 16+8, tree ~24
+    # fp32, one cast to float64, multiplied in place, summed by halves; bytes read and written on the device
+    per_pair = T * D * (8 + 8 + 12 + 20 + 24)  # gathers 4+4 each, cast 4+8, product 12+8, tree ~16+8
     rescore = Q * args.proj_rescored_per_query * per_pair
     return {
         "assumptions": {
