@@ -67,7 +67,7 @@ from distributed import (
 )
 from embedding_cache import CHUNK_SIZE, STORAGE, TextColumn, embed_cached, model_identity
 from options import option, parse_config
-from retrieval import as_float, search
+from retrieval import pair_scores, search
 from sources import (
     DataError,
     doc_id_lists,
@@ -122,7 +122,8 @@ class MineConfig:
     query_block: int = option(16384, "search: queries held on the device at once")
     search_precision: str = option(
         "auto",
-        "bf16: score blocks in bfloat16, decide on fp32 rescores (same result); auto: bf16 on GPUs",
+        "the GEMM that filters the pairs; every decision is on the one canonical score, so both give the same "
+        "negatives bit for bit; auto: bf16 on GPUs",
         choices=["auto", "bf16", "fp32"],
     )
     doc_block: int = option(16384, "search: corpus rows per block")
@@ -589,17 +590,6 @@ def embed_teacher(enc, t: Teacher, texts: TextColumn | list[str], role: str, cfg
 # The rule: exact search, blocks of queries x blocks of the corpus, a running top-k
 
 
-def pair_scores(qs: list[np.ndarray], ds: list[np.ndarray], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """The combined score of given (query, document) pairs: the mean over teachers of their cosine."""
-    total = np.zeros(len(rows), np.float32)
-    for q, d in zip(qs, ds, strict=True):
-        for s in range(0, len(rows), 65536):
-            a = as_float(q[rows[s : s + 65536]], "cpu")
-            b = as_float(d[cols[s : s + 65536]], "cpu")
-            total[s : s + 65536] += (a * b).sum(1).numpy()
-    return total / len(qs)
-
-
 def thresholds(pos_min: np.ndarray, margin: float, margin_type: str) -> np.ndarray:
     """A negative must score below this. abs: s - margin, s the query's lowest positive score.
     perc: s x margin when s > 0. For s <= 0, s x margin would lie ABOVE s (a document scoring more than
@@ -634,9 +624,11 @@ def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path, precision: 
     my_pos_off, pos_at = csr_take(task.pos_off, my_rows)
     my_neg_off, neg_at = csr_take(task.neg_off, my_rows)
     pos_local = np.repeat(np.arange(len(my_rows)), np.diff(my_pos_off))
-    pos_scores = pair_scores(qs, ds, my_rows[pos_local], task.pos_idx[pos_at])
+    # the canonical scores (retrieval.canonical_scores), the ones the search decides on
+    pos_scores = pair_scores(qs, ds, my_rows[pos_local], task.pos_idx[pos_at], device)
     # negatives kept with --keep-existing, which the search does not score
-    kept = pair_scores(qs, ds, my_rows[np.repeat(np.arange(len(my_rows)), np.diff(my_neg_off))], task.neg_idx[neg_at])
+    kept_rows = my_rows[np.repeat(np.arange(len(my_rows)), np.diff(my_neg_off))]
+    kept = pair_scores(qs, ds, kept_rows, task.neg_idx[neg_at], device)
     pos_min = np.full(len(my_rows), np.inf, np.float32)
     np.minimum.at(pos_min, pos_local, pos_scores)
     thr = thresholds(pos_min, cfg.margin, cfg.margin_type).astype(np.float32)
@@ -651,7 +643,7 @@ def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path, precision: 
     precision = precision or cfg.search_precision
     if precision == "auto":
         precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
-    v, i, drop, rescored = search(
+    v, i, drop, report = search(
         qs,
         ds,
         k,
@@ -670,7 +662,7 @@ def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path, precision: 
         mine_file = scratch / f"rank{me:05d}.npz"
         with atomic_file(mine_file) as tmp, open(tmp, "wb") as f:
             np.savez(f, rows=my_rows, v=v, i=i, drop=drop, pos=pos_scores, kept=kept, thr=thr, pos_min=pos_min,
-                     rescored=rescored)  # fmt: skip
+                     report=json.dumps(report))  # fmt: skip
         barrier()
         if me != 0:
             return {}
@@ -678,12 +670,12 @@ def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path, precision: 
         shutil.rmtree(scratch)
     else:
         parts = [dict(rows=my_rows, v=v, i=i, drop=drop, pos=pos_scores, kept=kept, thr=thr, pos_min=pos_min,
-                      rescored=rescored)]  # fmt: skip
+                      report=json.dumps(report))]  # fmt: skip
     v, i, drop = np.empty((n, k), np.float32), np.empty((n, k), np.int64), np.empty(n, np.int64)
     thr, pos_min = np.empty(n, np.float32), np.empty(n, np.float32)
     pos_scores = np.empty(len(task.pos_idx), np.float32)
     kept_scores = np.empty(len(task.neg_idx), np.float32)
-    rescored = 0
+    reports = []
     for part in parts:
         rows = part["rows"]
         v[rows], i[rows], drop[rows], thr[rows], pos_min[rows] = (
@@ -691,7 +683,7 @@ def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path, precision: 
         )  # fmt: skip
         pos_scores[csr_take(task.pos_off, rows)[1]] = part["pos"]
         kept_scores[csr_take(task.neg_off, rows)[1]] = part["kept"]
-        rescored += int(part["rescored"])
+        reports.append(json.loads(str(part["report"])))
 
     # The final lists: kept negatives first (--keep-existing), then the mined ones in rank order. A mined
     # negative's score is the one the search ranked it by (below the threshold by construction).
@@ -712,7 +704,35 @@ def mine(task: Task, qs, ds, cfg: MineConfig, device, scratch: Path, precision: 
         "pos_min": pos_min,
         "threshold": thr,
         "dropped": drop,
-        "search": {"precision": precision, "pairs_rescored_fp32": int(rescored)},
+        "search": search_stats(reports, precision, n),
+    }
+
+
+def search_stats(reports: list[dict], precision: str, n: int) -> dict:
+    """The ranks' search reports (retrieval.search) as mining_stats.json gives them."""
+    rescored = sum(r["pairs_rescored"] for r in reports)
+    moved = [b for r in reports for b in r["bytes_moved"]]
+    return {
+        "precision": precision,
+        "filter": reports[0]["filter"],
+        "score": "canonical: per teacher the fp32 rows' exact products summed in float64 in a fixed pairwise "
+        "order, the mean over teachers, rounded once to fp32",
+        "pairs_rescored": rescored,
+        "pairs_rescored_per_query": round(rescored / max(n, 1), 3),
+        "error_bound": {
+            "what": "|filter GEMM score - canonical score| <= this (retrieval.filter_error_bound)",
+            "unit_rows": reports[0]["bound_unit_rows"],
+            "max_used": max(r["bound_max"] for r in reports),
+        },
+        "corpus_on_device": sorted({r["corpus_on_device"] for r in reports}),
+        "bytes_moved_per_query_block": {
+            "what": "bytes read from the host (embedding cache) into the search's device tensors",
+            "query_blocks": len(moved),
+            "mean": round(float(np.mean(moved)), 1) if moved else 0.0,
+            "max": int(max(moved, default=0)),
+            "first": int(moved[0]) if moved else 0,
+            "total": int(sum(moved)),
+        },
     }
 
 
@@ -750,6 +770,10 @@ def summary(task: Task, res: dict, cfg: MineConfig, teachers: list[Teacher]) -> 
             "max": int(counts.max()),
         },
         "search": res.get("search"),
+        "queries_with_lowest_positive_at_or_below_0": {
+            "what": "their threshold is s - (1 - margin)|s| (perc), not margin x s, which would lie above s",
+            "count": int((res["pos_min"] <= 0).sum()) if cfg.margin_type == "perc" else 0,
+        },
         "queries_with_fewer_than_k": int(len(short)),
         "queries_with_none": int((counts == 0).sum()),
         "short_queries": [task.query_ids[q] for q in short[:20]],
@@ -823,6 +847,10 @@ def print_summary(stats: dict) -> None:
         f" (none: {stats['queries_with_none']})\n"
         f"dropped above the threshold (probably false negatives) per query: mean {d['mean']}, median {d['median']},"
         f" p90 {d['p90']}, p99 {d['p99']}, max {d['max']} | {d['histogram']}\n"
+        f"queries whose lowest positive scores <= 0 (threshold s - (1 - margin)|s|, not margin x s): "
+        f"{stats['queries_with_lowest_positive_at_or_below_0']['count']}\n"
+        f"search: {stats['search']['filter']} filter, {stats['search']['pairs_rescored_per_query']} pairs rescored "
+        f"per query (bound {stats['search']['error_bound']['max_used']:.3g})\n"
         f"seconds: {json.dumps(s)}",
         flush=True,
     )

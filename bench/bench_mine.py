@@ -8,7 +8,9 @@ lengths) and its documents, at each --max-length (at 256 tokens most SciFact doc
 the limit, so there is little padding for packing to remove; at 512 their lengths vary).
 
 Search: the miner's exact blocked search with the rule (threshold, positives masked, running
-top-k) against a plain full score matrix (queries x corpus) followed by a sort of every row.
+top-k), with the fp32 GEMM and with the bf16 GEMM as its filter (side by side: seconds, pairs rescored
+per query; the two results must be identical bit for bit), against a plain full score matrix
+(queries x corpus) followed by a sort of every row.
 
     python bench/bench_mine.py                                  # CPU: all-MiniLM-L6-v2, 809 queries, 1,000 documents
     python bench/bench_mine.py --num-docs 5183 --device cuda    # a GPU, unchanged (bfloat16 with --dtype)
@@ -127,12 +129,14 @@ def bench_search(args, device: str) -> dict:
     task = mn.Task("subset", "bench", [""] * N, [""] * N, [""] * n, [""] * n, np.arange(n + 1), pos,
                    np.zeros(n + 1, np.int64), np.zeros(0, np.int64))  # fmt: skip
     cfg = mn.MineConfig(num_negatives=k, query_block=args.query_block, doc_block=args.doc_block)
-
-    sync(device)
-    t0 = time.perf_counter()
-    res = mn.mine(task, [q], [d], cfg, torch.device(device), Path(tempfile.gettempdir()) / "bench_mine_scratch")
-    sync(device)
-    ours = time.perf_counter() - t0
+    runs = {}
+    for precision in ("fp32", "bf16"):  # the same search with each GEMM as the filter
+        sync(device)
+        t0 = time.perf_counter()
+        res = mn.mine(task, [q], [d], cfg, torch.device(device), Path(tempfile.gettempdir()) / "bench_mine_scratch",
+                      precision=precision)  # fmt: skip
+        sync(device)
+        runs[precision] = (time.perf_counter() - t0, res)
 
     t0 = time.perf_counter()  # plain: the full matrix, each row sorted, the rule applied to the order
     qd, dd = torch.from_numpy(q).to(device), torch.from_numpy(d).to(device)
@@ -144,20 +148,34 @@ def bench_search(args, device: str) -> dict:
     plain_idx = torch.where(torch.isfinite(vals[:, :k]), idx[:, :k], -1).cpu().numpy()
     sync(device)
     plain = time.perf_counter() - t0
+    res32, res16 = runs["fp32"][1], runs["bf16"][1]
     ours_idx = np.full((n, k), -1)
     for i in range(n):
-        got = res["neg_idx"][res["neg_off"][i] : res["neg_off"][i + 1]]
+        got = res32["neg_idx"][res32["neg_off"][i] : res32["neg_off"][i + 1]]
         ours_idx[i, : len(got)] = got
+    block_gb = round(min(args.query_block, n) * min(args.doc_block, N) * 4 / 2**30, 3)
     return {
         "queries": n,
         "docs": N,
         "dim": args.dim,
-        "seconds": {"mine_negatives": round(ours, 3), "full_matrix_and_sort": round(plain, 3)},
+        "seconds": {
+            "mine_negatives, fp32 filter": round(runs["fp32"][0], 3),
+            "mine_negatives, bf16 filter": round(runs["bf16"][0], 3),
+            "full_matrix_and_sort": round(plain, 3),
+        },
         "score_matrix_gb": {
-            "mine_negatives": round(min(args.query_block, n) * min(args.doc_block, N) * 4 / 2**30, 3),
+            "mine_negatives, fp32 filter": block_gb,
+            "mine_negatives, bf16 filter": block_gb,
             "full_matrix_and_sort": round(n * N * 4 * 3 / 2**30, 3),  # S, sorted values, int64 indices / 2
         },
-        # equal up to float rounding: the blocked and the full matmul may differ in the last bit
+        "filter": {p: r[1]["search"]["filter"] for p, r in runs.items()},
+        "pairs_rescored_per_query": {p: r[1]["search"]["pairs_rescored_per_query"] for p, r in runs.items()},
+        "error_bound_used": {p: r[1]["search"]["error_bound"]["max_used"] for p, r in runs.items()},
+        # one canonical score per pair: the two filters give the same result, bit for bit
+        "fp32_and_bf16_identical": all(
+            np.array_equal(res32[key], res16[key]) for key in ("neg_off", "neg_idx", "neg_scores", "dropped")
+        ),
+        # the plain way ranks by the GEMM's own sums: near ties may go the other way
         "queries_with_same_negatives": round(float((ours_idx == plain_idx).all(1).mean()), 4),
     }
 
@@ -391,7 +409,11 @@ def projection(args) -> dict:
     attn = lambda seq: 4 * c.num_hidden_layers * D * seq  # noqa: E731 (QK^T and AV per token, bidirectional)
     embed = T * (P * lp * (2 * n_matmul + attn(lp)) + Q * lq * (2 * n_matmul + attn(lq)))
     search = T * 2 * Q * P * D
-    gpus, bf16, fp32 = 8, 989e12, 67e12
+    gpus, bf16, fp32, hbm = 8, 989e12, 67e12, 3.35e12
+    # rescoring (retrieval.canonical_scores): per pair and teacher, the query and document rows gathered in
+    # fp32, one cast to float64, multiplied in place, summed by halves; bytes read and written on the device
+    per_pair = T * D * (8 + 8 + 12 + 20 + 24)  # gathers 4+4 each, cast 4+8, product 12+8, tree ~16+8
+    rescore = Q * args.proj_rescored_per_query * per_pair
     return {
         "assumptions": {
             "teachers": f"{T} x Llama-3.1-8B shape ({n_matmul / 1e9:.2f}B matmul parameters, D={D})",
@@ -400,6 +422,9 @@ def projection(args) -> dict:
             "tokens": f"{lp} per passage (the max length: an upper bound), {lq} per query, no padding (packed)",
             "embedding_flops": "2 x matmul params x tokens + attention 4 x layers x D x seq per token, per teacher",
             "search_flops": "2 x queries x passages x D per teacher (exact search, every pair)",
+            "rescoring": f"{args.proj_rescored_per_query} pairs per query (assumed), {per_pair / T / D:.0f} x D "
+            f"bytes of device memory traffic per pair and teacher at {args.proj_hbm_share:.0%} of {hbm / 1e12} TB/s; "
+            "the corpus resident on the GPUs (2 x 1M x 4,096 x 6 B = 49 GB fits 80 GB): no host gathers",
             "peak": "H100 SXM dense: bf16 989 TFLOP/s, fp32 (no tensor cores, no TF32) 67 TFLOP/s, x 8 GPUs",
             "utilisation": f"embedding {args.proj_mfu_embed:.0%}, search GEMMs {args.proj_mfu_search:.0%} of peak",
         },  # fmt: skip
@@ -408,6 +433,8 @@ def projection(args) -> dict:
         "embedding_hours_bf16": embed / (gpus * bf16 * args.proj_mfu_embed) / 3600,
         "search_minutes_bf16": search / (gpus * bf16 * args.proj_mfu_search) / 60,
         "search_minutes_fp32": search / (gpus * fp32 * args.proj_mfu_search) / 60,
+        "rescoring_bytes": rescore,
+        "rescoring_minutes": rescore / (gpus * hbm * args.proj_hbm_share) / 60,
     }
 
 
@@ -518,6 +545,10 @@ def print_scale(r: dict) -> None:
     print(f"teacher: random Llama, hidden {r['teacher']['hidden']}, {r['teacher']['layers']} layer(s) (D = "
           f"{r['teacher']['dim']}), the Llama-3 tokenizer; search precision {run['search']['precision']}; settings "
           f"{r['settings']}")  # fmt: skip
+    moved = run["search"]["bytes_moved_per_query_block"]
+    print(f"search: {run['search']['filter']} filter, {run['search']['pairs_rescored_per_query']} pairs rescored per "
+          f"query (bound {run['search']['error_bound']['max_used']:.3g}), {gib(moved['mean'])} read from the host per "
+          f"query block ({moved['query_blocks']} blocks)")  # fmt: skip
     print("| stage | seconds |\n|---|---:|")
     for name, v in (("read (rank 0 reads, shares)", s["read"]),
                     ("embed (corpus + queries)", embed),
@@ -549,8 +580,9 @@ def print_scale(r: dict) -> None:
     for k, v in p["assumptions"].items():
         print(f"  {k}: {v}")
     print(f"  embedding {p['embedding_flops']:.3g} FLOPs -> {p['embedding_hours_bf16']:.2f} h in bf16")
-    print(f"  search {p['search_flops']:.3g} FLOPs -> {p['search_minutes_bf16']:.1f} min in bf16 (+ the fp32 rescoring "
-          f"of the pairs near a decision), {p['search_minutes_fp32']:.1f} min in fp32")  # fmt: skip
+    print(f"  search {p['search_flops']:.3g} FLOPs -> {p['search_minutes_bf16']:.1f} min in bf16, "
+          f"{p['search_minutes_fp32']:.1f} min in fp32; + rescoring {p['rescoring_bytes']:.3g} B -> "
+          f"{p['rescoring_minutes']:.1f} min")  # fmt: skip
 
 
 def main() -> None:
@@ -606,6 +638,8 @@ def main() -> None:
     s.add_argument("--proj-query-tokens", type=int, default=64)
     s.add_argument("--proj-mfu-embed", type=float, default=0.4, help="assumed share of bf16 peak while embedding")
     s.add_argument("--proj-mfu-search", type=float, default=0.7, help="assumed share of peak in the search GEMMs")
+    s.add_argument("--proj-rescored-per-query", type=int, default=500, help="assumed pairs rescored per query")
+    s.add_argument("--proj-hbm-share", type=float, default=0.5, help="assumed share of HBM bandwidth in rescoring")
     args = p.parse_args()
     if args.scale:
         args.output_json = args.output_json or str(REPO / "bench" / "results_mine_scale.json")
@@ -640,8 +674,12 @@ def main() -> None:
     result["search"] = s = bench_search(args, args.device)
     print(f"search {s['queries']} queries x {s['docs']} docs x {s['dim']} dims on {args.device}:")
     for name, sec in s["seconds"].items():
-        print(f"  {name:<22} {sec:>8.3f} s   score memory {s['score_matrix_gb'][name]} GB")
-    print(f"  queries with the same negatives: {s['queries_with_same_negatives']:.2%}")
+        print(f"  {name:<28} {sec:>8.3f} s   score memory {s['score_matrix_gb'][name]} GB")
+    for p in ("fp32", "bf16"):
+        print(f"  {p} filter ({s['filter'][p]}): {s['pairs_rescored_per_query'][p]} pairs rescored per query, "
+              f"bound {s['error_bound_used'][p]:.3g}")  # fmt: skip
+    print(f"  fp32 and bf16 filters identical bit for bit: {s['fp32_and_bf16_identical']}; queries with the same "
+          f"negatives as the full matrix: {s['queries_with_same_negatives']:.2%}")  # fmt: skip
     Path(args.output_json).write_text(json.dumps(result, indent=1) + "\n")
 
 

@@ -137,7 +137,7 @@ def test_mine_benchmark_compares_equal_embeddings_and_negatives(tmp_path):
     assert result["embedding"][1]["texts_at_max_length"] > result["embedding"][2]["texts_at_max_length"]
     search = result["search"]
     assert (search["queries"], search["docs"]) == (300, 5000)
-    assert search["queries_with_same_negatives"] >= 0.99
+    assert search["queries_with_same_negatives"] >= 0.99 and search["fp32_and_bf16_identical"]
 
 
 @pytest.mark.slow(minutes=1)
@@ -164,6 +164,7 @@ def test_mine_scale_benchmark_small(tmp_path):
     p = r["projection_8xh100"]
     assert p["search_flops"] == 2 * 2 * 11_800_000 * 1_000_000 * 4096
     assert p["search_minutes_fp32"] > p["search_minutes_bf16"] > 0 and p["embedding_hours_bf16"] > 0
+    assert p["rescoring_minutes"] > 0 and run_["search"]["pairs_rescored_per_query"] > 0
     assert "| search |" in res.stdout and "EQUAL" in res.stdout
 
 

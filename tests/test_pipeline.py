@@ -1,7 +1,7 @@
 """The paper's pipeline in miniature, every hand-over checked (README, "The paper's pipeline").
 
 mine (all-MiniLM-L6-v2 as the teacher, 160 SciFact training queries) -> prepare_data.py ->
-stage 1 (recipes/stage1.json, 2 CPU ranks) -> export -> stage 2 (recipes/stage2.json) from the
+stage 1 (recipes/stage1.json, 2 CPU ranks) -> export -> stage 2 (recipes/stage2_automodel.json) from the
 stage-1 export -> export -> merge two stage-2 checkpoints (export_hf.py averages runs or checkpoints
 alike). Sizes are cut on the command line; every other setting comes from the recipe files.
 """
@@ -69,7 +69,7 @@ def test_mine_prepare_two_stages_and_merge(tmp_path):
     # Step 1 of the recipe runs at lr 0, so its checkpoint must hold exactly the weights the run started from.
     s2 = tmp_path / "stage2"
     every_step = ["--max-steps", 3, "--save-every", 1, "--keep-checkpoints", 3]
-    cfg = train("stage2.json", s1 / "export", prepared, s2, *every_step)
+    cfg = train("stage2_automodel.json", s1 / "export", prepared, s2, *every_step)
     assert (cfg["lr"], cfg["num_negatives"], cfg["model"]) == (2e-6, 4, str(s1 / "export"))
     a, b = s2 / "checkpoints" / "step_00000001", s2 / "checkpoints" / "step_00000003"
     wa, wb = export(tmp_path / "export_a", a), export(tmp_path / "export_b", b)

@@ -31,7 +31,7 @@ def test_merged_rank_local_top_k_equals_one_search_with_ties(world):
     parts = [te.local_top_k(q, d[owner == r], np.flatnonzero(owner == r), k, "cpu") for r in range(world)]
     v, i = te.merge_top_k(parts, k)
     assert np.array_equal(i, want_i)
-    np.testing.assert_allclose(v, want_v, rtol=1e-6)  # other block shapes: the last bit may differ
+    assert np.array_equal(v, want_v)  # the canonical score: other block shapes change no bit
     tied = [3, 5, 17, 40, 41]  # the tie is in some query's top k, in corpus order
     assert any(tied == row[row.index(3) : row.index(3) + 5] for row in i.tolist() if 3 in row)
 
