@@ -24,17 +24,23 @@ from common import UserError
 PROBE_WAIT_S = 10  # how long a rank looks for rank 0's probe file before it reports that it cannot see it
 
 
-# How each launcher tells a process who it is: (launcher, world size, rank, local rank, ranks on the node).
+# How each launcher tells a process who it is: (launcher, world size, rank, local rank(s), ranks on the node).
 # The first row whose world size and rank are both set wins; torch's names first, so that the deepspeed
 # launcher or torchrun inside a Slurm allocation or an MPI job is still read from its own variables.
+# DeepSpeed's MPICH and Intel MPI runners set RANK and LOCAL_RANK themselves: the first row.
 LAUNCHER_VARIABLES = (
-    ("deepspeed / torchrun", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
-    ("Open MPI", *(f"OMPI_COMM_WORLD_{v}" for v in ("SIZE", "RANK", "LOCAL_RANK", "LOCAL_SIZE"))),
-    ("MVAPICH", *(f"MV2_COMM_WORLD_{v}" for v in ("SIZE", "RANK", "LOCAL_RANK", "LOCAL_SIZE"))),
-    ("Intel MPI / MPICH", "PMI_SIZE", "PMI_RANK", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ("deepspeed / torchrun", "WORLD_SIZE", "RANK", ("LOCAL_RANK",), "LOCAL_WORLD_SIZE"),
+    ("Open MPI", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", ("OMPI_COMM_WORLD_LOCAL_RANK",),
+     "OMPI_COMM_WORLD_LOCAL_SIZE"),  # fmt: skip
+    ("MVAPICH", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK", ("MV2_COMM_WORLD_LOCAL_RANK",),
+     "MV2_COMM_WORLD_LOCAL_SIZE"),  # fmt: skip
+    # PMI: Hydra (MPICH, Intel MPI) sets MPI_LOCALRANKID; Cray PALS its own; srun --mpi=pmi2 only PMI_RANK
+    # and PMI_SIZE, beside Slurm's SLURM_LOCALID
+    ("MPICH / Intel MPI / PMI", "PMI_SIZE", "PMI_RANK", ("MPI_LOCALRANKID", "PALS_LOCAL_RANKID", "SLURM_LOCALID"),
+     "MPI_LOCALNRANKS"),  # fmt: skip
     # SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: only srun sets it, so a plain `python` in a batch script
     # that asked for 8 tasks is one process, not rank 0 of 8 waiting for 7 that never come.
-    ("Slurm srun", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID", None),
+    ("Slurm srun", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", ("SLURM_LOCALID",), "SLURM_STEP_TASKS_PER_NODE"),
 )
 SUPPORTED_LAUNCHES = (
     "deepspeed --num_gpus N | --hostfile (pdsh), torchrun, or an MPI / Slurm launch (deepspeed --launcher "
@@ -53,32 +59,60 @@ class Launch:
     local_world: int | None  # ranks on this node, where the launcher says
 
 
+def tasks_per_node(value: str | None) -> int | None:
+    """Ranks on a node: a number, or Slurm's SLURM_STEP_TASKS_PER_NODE ("8(x2)", "8,8"; the first node's)."""
+    if not value:
+        return None
+    first = value.split(",")[0].split("(")[0]
+    return int(first) if first.isdigit() else None
+
+
 def launch_env(environ=None) -> Launch:
     """This process's place in the job from the launcher's variables (LAUNCHER_VARIABLES).
 
     The deepspeed launcher and torchrun set WORLD_SIZE, RANK and LOCAL_RANK; mpirun and srun (also under
-    `deepspeed --launcher openmpi|mvapich|slurm|...`) set only their own, and DeepSpeed would learn the
-    world size from them inside init_distributed, too late for the batch arithmetic and the checks that
-    run first. Without any launcher: one process, or `WORLD_SIZE=8 python train_biencoder.py --dry-run`
-    (rank 0 of a planned world)."""
+    `deepspeed --launcher openmpi|mvapich|slurm`) set only their own, and DeepSpeed would learn the world
+    size from them inside init_distributed, too late for the batch arithmetic and the checks that run
+    first. A WORLD_SIZE given beside another launcher's rank (DeepSpeed's MPICH runner, or
+    `WORLD_SIZE=8 python train_biencoder.py --dry-run` in an interactive srun shell) is the world size.
+    Without any launcher: one process, or a planned world of WORLD_SIZE for --dry-run (rank 0)."""
     env = os.environ if environ is None else environ
-    for launcher, world, rank_, local, local_world in LAUNCHER_VARIABLES:
+    for launcher, world, rank_, locals_, local_world in LAUNCHER_VARIABLES:
         if world in env and rank_ in env:
-            lw = env.get(local_world) if local_world else None
-            return Launch(launcher, int(env[world]), int(env[rank_]), int(env.get(local, 0)), int(lw) if lw else None)
-    # The MPICH and Intel MPI runners of DeepSpeed export WORLD_SIZE but leave the rank to PMI_RANK (above).
+            W = int(env.get("WORLD_SIZE", env[world]))
+            local = next((int(env[v]) for v in locals_ if v in env), None)
+            if local is None and W > 1:
+                raise UserError(
+                    f"launched by {launcher} ({W} ranks) but none of {', '.join(locals_)} says this process's rank "
+                    f"on its node, which picks its GPU. Supported launches: {SUPPORTED_LAUNCHES}"
+                )
+            return Launch(launcher, W, int(env[rank_]), local or 0, tasks_per_node(env.get(local_world)))
     return Launch("none", int(env.get("WORLD_SIZE", "1")), 0, 0, None)
 
 
 def adopt_launch(launch: Launch) -> None:
-    """Export the launch as torch's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) where the
-    launcher did not set them, so that torch, DeepSpeed and this module agree on it."""
+    """Export the launch as torch's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), so that
+    torch, DeepSpeed (which binds the process group to cuda:LOCAL_RANK) and this module agree on it.
+    Another launcher's values replace any left in the environment: a stale LOCAL_RANK would put
+    DeepSpeed's group on another GPU than `set_device`'s."""
     if launch.launcher == "none":
         return
     env = {"RANK": launch.rank, "WORLD_SIZE": launch.world, "LOCAL_RANK": launch.local_rank}
     if launch.local_world:
         env["LOCAL_WORLD_SIZE"] = launch.local_world
     for key, value in env.items():
+        os.environ[key] = str(value)
+
+
+def single_process_rendezvous(launch: Launch) -> None:
+    """A plain `python script.py` (no launcher, one process): torch's variables for a world of one on
+    this machine, so that deepspeed.init_distributed starts a group of one instead of looking for MPI."""
+    if launch.launcher != "none" or launch.world != 1:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
         os.environ.setdefault(key, str(value))
 
 
@@ -109,16 +143,21 @@ def check_rendezvous(launch: Launch, mpi_discovery: bool) -> None:
     )
 
 
-def set_device(launch: Launch) -> torch.device:
+def set_device(launch: Launch, one_gpu_per_process: bool = False) -> torch.device:
     """Make this rank's GPU (cuda:LOCAL_RANK) current, before the process group exists.
 
     deepspeed.init_distributed binds NCCL's group to cuda:LOCAL_RANK (device_id) but does not make that
     device current, and torch.distributed's object collectives (all_gather_object, broadcast_object_list:
     the checks before the engine is built) put their bytes on the current device: every rank would send
-    from cuda:0, and NCCL stops. torchrun's documentation sets the device first for the same reason."""
+    from cuda:0, and NCCL stops. torchrun's documentation sets the device first for the same reason.
+    one_gpu_per_process: the caller has no NCCL group (the miner): LOCAL_RANK modulo the GPUs it sees,
+    so that a launcher that gives each process its own GPU (srun --gpus-per-task=1) works too."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     count = torch.cuda.device_count()
+    if one_gpu_per_process:
+        torch.cuda.set_device(launch.local_rank % count)
+        return torch.device("cuda", launch.local_rank % count)
     if launch.local_rank >= count:
         raise UserError(
             f"rank {launch.rank} has local rank {launch.local_rank} but sees {count} GPU(s): start one process per GPU "

@@ -176,7 +176,7 @@ def init_distributed() -> torch.device:
     launch = launch_env()
     adopt_launch(launch)
     check_rendezvous(launch, mpi_discovery=False)
-    device = set_device(launch)
+    device = set_device(launch, one_gpu_per_process=True)  # no NCCL group: any GPU the process sees
     if launch.world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # barriers and small objects only: no GPU collectives needed
     return device

@@ -49,6 +49,7 @@ from batches import collate, epoch_order, example_lengths, split_step
 from common import UserError, load_pretrained, read_json_file, run_cli, write_atomic
 from dataset import PreparedData, data_fingerprint, data_summary, subset_prompts
 from distributed import (
+    SUPPORTED_LAUNCHES,
     adopt_launch,
     barrier,
     broadcast,
@@ -61,6 +62,7 @@ from distributed import (
     log0,
     rank,
     set_device,
+    single_process_rendezvous,
     stop_unless_all,
     where,
     world_size,
@@ -752,13 +754,22 @@ def main(argv=None):
             print_plan(cfg, data, model_config, ds_config, W, lengths, T)
         return
     check_rendezvous(launch, mpi_discovery=True)
+    single_process_rendezvous(launch)
     set_device(launch)  # before the process group: NCCL's first object collective runs on the current device
     if torch.cuda.is_available():
         setup_cuda(announce=launch.rank == 0)
     deepspeed.init_distributed()
     atexit.register(remove_cpu_shm_buffer)
-    if world_size() != W:
-        raise UserError(f"the launcher said {W} ranks ({launch.launcher}), the process group has {world_size()}")
+    # DeepSpeed's MPI discovery (mpi4py, when MASTER_ADDR is missing) sets RANK, WORLD_SIZE and LOCAL_RANK
+    # anew, LOCAL_RANK from host names: it must agree with the launcher's, or the group is on another GPU
+    found = (world_size(), rank(), int(os.environ.get("LOCAL_RANK", launch.local_rank)))
+    if found != (W, launch.rank, launch.local_rank):
+        raise UserError(
+            f"the launcher ({launch.launcher}) said world size {W}, rank {launch.rank}, local rank "
+            f"{launch.local_rank}; the process group has {found[0]}, {found[1]}, {found[2]}: launch one process per "
+            "GPU with one of: "
+            f"{SUPPORTED_LAUNCHES}"
+        )
     node_local = node_local_checkpoints(ds_config)
     check_run_folder(cfg, node_local, data)
     resume_from = find_resume_point(cfg, data)  # (tag, state) or None; every check before the model loads

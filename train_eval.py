@@ -182,34 +182,31 @@ def load_eval_sets(cfg, tokenizer, data_meta: dict, model_config) -> tuple[list[
 # Embedding: every rank takes part in every forward
 
 
-@torch.no_grad()
-def embed_share(engine, seqs: list, max_tokens: int, device) -> tuple[np.ndarray, np.ndarray]:
-    """Embed this rank's share of `seqs` -> (indices into seqs, (n, D) float32 embeddings in host memory).
-
-    Longest first, cut into packed micro-batches of at most max_tokens tokens (a longer text alone),
-    dealt round-robin to the ranks; every rank makes the same number of forward calls. Each micro-batch's
-    embeddings leave the GPU as soon as they are made: a corpus of MS MARCO's 8.8M passages is 18 GB per
-    rank at D = 4,096 on 8 ranks, which the GPU, holding the model states, has no room for."""
+def rank_share(seqs: list, max_tokens: int) -> tuple[list[np.ndarray], int]:
+    """This rank's packed micro-batches of `seqs` (indices, longest first, at most max_tokens tokens each,
+    a longer text alone, dealt round-robin to the ranks) and the number of forward calls every rank makes."""
     order = np.argsort([-len(s) for s in seqs], kind="stable")
     batches = token_batches([len(seqs[i]) for i in order], None, max_tokens)
-    mine = batches[rank() :: world_size()]
-    calls = math.ceil(len(batches) / world_size())
-    hidden = engine.module.encoder.config.hidden_size
-    idx = np.concatenate([order[a:b] for a, b in mine]) if mine else np.zeros(0, np.int64)
-    out = np.empty((len(idx), hidden), np.float32)
-    filled = 0
+    return [order[a:b] for a, b in batches[rank() :: world_size()]], math.ceil(len(batches) / world_size())
+
+
+@torch.no_grad()
+def embed_share(engine, seqs: list, max_tokens: int, device):
+    """Embed this rank's share of `seqs` (`rank_share`): yields (indices into seqs, (n, D) float32
+    embeddings in host memory) per micro-batch; every rank makes the same number of forward calls.
+
+    Each micro-batch's embeddings leave the GPU as soon as they are made: a corpus of MS MARCO's 8.8M
+    passages is 18 GB per rank at D = 4,096 on 8 ranks, which the GPU, holding the model states, has
+    no room for."""
+    mine, calls = rank_share(seqs, max_tokens)
     for j in range(calls):
         if j < len(mine):
-            chunk = order[mine[j][0] : mine[j][1]]
-            input_ids, cu = pack([seqs[i] for i in chunk], device)
+            input_ids, cu = pack([seqs[i] for i in mine[j]], device)
         else:  # no text left for this rank: a one-token forward, so that its collectives still match
-            chunk = None
-            input_ids, cu = pack([seqs[order[-1]][:1]], device)
+            input_ids, cu = pack([seqs[0][:1]], device)
         emb = engine(input_ids, cu)
-        if chunk is not None:
-            out[filled : filled + len(chunk)] = emb.float().cpu().numpy()
-            filled += len(chunk)
-    return idx, out
+        if j < len(mine):
+            yield mine[j], emb.float().cpu().numpy()
 
 
 def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -253,17 +250,21 @@ def merge_top_k(parts: list[tuple], k: int) -> tuple[np.ndarray, np.ndarray]:
 def beir_metrics(engine, s: BeirSet, max_tokens: int, device) -> dict[str, float]:
     """NDCG@10, Recall@10/100, MRR@10 of the model on one BEIR set, exactly as evaluate.py scores an
     export: the same top-k (ties to the lower corpus row), without the query's own id."""
-    idx, emb = embed_share(engine, s.tokens, max_tokens, device)
     Q = s.num_queries
-    is_query = idx < Q
+    mine, _ = rank_share(s.tokens, max_tokens)
+    idx = np.concatenate(mine) if mine else np.zeros(0, np.int64)
+    rows = np.sort(idx[idx >= Q]) - Q  # this rank's documents, in corpus order
+    slot = np.zeros(len(s.tokens), np.int64)
+    slot[rows + Q] = np.arange(len(rows))
+    hidden = engine.module.encoder.config.hidden_size
+    queries = np.zeros((Q, hidden), np.float32)
+    docs = np.empty((len(rows), hidden), np.float32)  # written in place: host memory holds one copy
+    for chunk, emb in embed_share(engine, s.tokens, max_tokens, device):
+        is_query = chunk < Q
+        queries[chunk[is_query]] = emb[is_query]
+        docs[slot[chunk[~is_query]]] = emb[~is_query]
     # Every rank needs every query: each row is filled by exactly one rank, so the sum is that row.
-    queries = np.zeros((Q, emb.shape[1]), np.float32)
-    queries[idx[is_query]] = emb[is_query]
     queries = sum_rows_over_ranks(queries, device)
-    rows = idx[~is_query] - Q  # this rank's documents, in corpus order
-    order = np.argsort(rows, kind="stable")
-    rows, docs = rows[order], emb[np.flatnonzero(~is_query)[order]]
-    del emb
     k = TOP_K + 1  # + 1: build_run drops a document whose id is the query's own, as evaluate.py
     # Host arrays: the search streams blocks of them through the device (retrieval.search).
     v, i = merge_top_k(gather(local_top_k(queries, docs, rows, k, device)), k)

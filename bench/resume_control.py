@@ -5,7 +5,10 @@
 --restore nothing:      the run starts at the checkpoint's step, but from the initial weights and a fresh
                         optimizer (a resume that restored no weights);
 --restore weights-only: the weights are restored, the AdamW moments are not (DeepSpeed's
-                        load_optimizer_states=False: a resume that lost the optimizer state).
+                        load_optimizer_states=False: a resume that lost the optimizer state; under ZeRO-3
+                        DeepSpeed then rebuilds the fp32 master weights from the checkpoint's consolidated
+                        weights and copies them through the bf16 parameters, so they come back rounded to
+                        bf16 too).
 
 The resume check passes only when the real resume repeats the uninterrupted run's losses within its
 tolerance AND both controls differ from them by more than it: a tolerance too loose to see a broken

@@ -73,6 +73,11 @@ def _varlen_kernel() -> tuple:
     """(name, run, expands_kv) of the fastest variable-length attention on CUDA; run is None when there
     is none. expands_kv: grouped KV heads are copied up to the query heads (repeat_interleave) before
     the kernel, as the per-segment fallback and a varlen_attn without `enable_gqa` need."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+        # flash-attn and torch's varlen_attn (aten's flash kernel) need Ampere or newer: they would import
+        # fine and fail at their first call
+        sm = "".join(map(str, torch.cuda.get_device_capability()))
+        return f"per-segment SDPA (slow fallback: this GPU is sm_{sm}, varlen kernels need sm_80+)", None, True
     try:
         from flash_attn import flash_attn_varlen_func
 

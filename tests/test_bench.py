@@ -173,8 +173,8 @@ def test_mine_scale_benchmark_small(tmp_path):
 # PATH (a `python3` and a `deepspeed` in front of the real ones), so these tests take seconds.
 
 RUN_GPU_CHECKS = (
-    "kernel", "bidirectional", "causal_teacher", "packed_vs_padded", "train", "rope", "export", "evaluate", "resume",
-    "mine",
+    "kernel", "bidirectional", "causal_teacher", "packed_vs_padded", "resume", "mine", "train", "rope", "export",
+    "evaluate",
 )  # fmt: skip
 
 GPU_CHECK_STANDINS = {

@@ -377,3 +377,18 @@ def test_a_broken_flash_attn_falls_back_to_torch_varlen_and_says_why(body, why, 
         attention._varlen_kernel.cache_clear()
     assert name.startswith("torch.nn.attention.varlen.varlen_attn") and run is not None, name
     assert why in name, name
+
+
+def test_a_gpu_older_than_ampere_takes_the_per_segment_path(monkeypatch):
+    """flash-attn and torch's varlen_attn import on a V100 or T4 but fail at their first call (sm_80+):
+    the packed path must not pick them there."""
+    import model.attention as attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    attention._varlen_kernel.cache_clear()
+    try:
+        name, run, expands_kv = attention._varlen_kernel()
+    finally:
+        attention._varlen_kernel.cache_clear()
+    assert run is None and expands_kv and "sm_70" in name and "fallback" in name, name

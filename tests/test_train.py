@@ -437,6 +437,7 @@ def fake_cuda(monkeypatch, calls: list, gpus: int = 8) -> None:
     """torch.cuda as on a node of `gpus` GPUs: setting the device is recorded in `calls`, nothing is allocated."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # an H100
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
     monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", lambda s: calls.append(("allocator", s)))
 
@@ -445,7 +446,8 @@ def launch_as(monkeypatch, **env) -> None:
     """This process's environment as a launcher would set it (and none of the launchers' other variables)."""
     from distributed import LAUNCHER_VARIABLES
 
-    names = [var for row in LAUNCHER_VARIABLES for var in row[1:] if var] + ["MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE"]
+    names = [v for row in LAUNCHER_VARIABLES for var in row[1:] for v in ((var,) if isinstance(var, str) else var)]
+    names += ["MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "PALS_LOCAL_RANKID"]
     for var in names:  # set, then deleted: monkeypatch restores them, also after the code under test set them
         monkeypatch.setenv(var, "")
         monkeypatch.delenv(var)
@@ -479,11 +481,15 @@ def test_each_rank_sets_its_gpu_before_the_process_group_starts(setup, tmp_path,
     assert mine_negatives.init_distributed() == torch.device("cuda", 5)
     assert calls == [("set_device", 5), ("init_group",)], calls
 
-    # a local rank beyond the GPUs it sees (a per-process CUDA_VISIBLE_DEVICES): one clear line
+    # a process that sees one GPU (srun --gpus-per-task=1): the miner, without NCCL, takes it; the trainer,
+    # whose NCCL group DeepSpeed binds to cuda:LOCAL_RANK, stops with one clear line
+    from distributed import launch_env, set_device
+
     calls.clear()
     fake_cuda(monkeypatch, calls, gpus=1)
+    assert mine_negatives.init_distributed() == torch.device("cuda", 0)
     with pytest.raises(UserError, match="local rank 5 but sees 1 GPU"):
-        mine_negatives.init_distributed()
+        set_device(launch_env())
 
 
 @pytest.mark.parametrize(
@@ -496,7 +502,12 @@ def test_each_rank_sets_its_gpu_before_the_process_group_starts(setup, tmp_path,
          (16, 9, 1, 8)),  # fmt: skip
         # DeepSpeed's MPICH / Intel MPI runners export WORLD_SIZE; the rank comes from Hydra's PMI
         ("mpich", dict(WORLD_SIZE=16, PMI_SIZE=16, PMI_RANK=9, MPI_LOCALRANKID=1, MPI_LOCALNRANKS=8), (16, 9, 1, 8)),
-        ("slurm", dict(SLURM_NTASKS=16, SLURM_STEP_NUM_TASKS=16, SLURM_PROCID=9, SLURM_LOCALID=1), (16, 9, 1, None)),
+        ("slurm", dict(SLURM_NTASKS=16, SLURM_STEP_NUM_TASKS=16, SLURM_PROCID=9, SLURM_LOCALID=1,
+                       SLURM_STEP_TASKS_PER_NODE="8(x2)"), (16, 9, 1, 8)),  # fmt: skip
+        # srun --mpi=pmi2: PMI_RANK and PMI_SIZE only, the local rank from Slurm
+        ("pmi2", dict(PMI_SIZE=16, PMI_RANK=9, SLURM_LOCALID=1), (16, 9, 1, None)),
+        # WORLD_SIZE=8 python train_biencoder.py --dry-run in an interactive srun shell (one task)
+        ("srun shell", dict(SLURM_STEP_NUM_TASKS=1, SLURM_PROCID=0, SLURM_LOCALID=0, WORLD_SIZE=8), (8, 0, 0, None)),
         # the deepspeed launcher inside a Slurm allocation: its own variables win
         ("deepspeed in slurm", dict(SLURM_STEP_NUM_TASKS=2, SLURM_PROCID=0, WORLD_SIZE=8, RANK=3, LOCAL_RANK=3),
          (8, 3, 3, None)),  # fmt: skip
@@ -510,6 +521,17 @@ def test_world_size_and_ranks_come_from_every_supported_launcher(launcher, env, 
     launch_as(monkeypatch, **env)
     got = launch_env()
     assert (got.world, got.rank, got.local_rank, got.local_world) == want, got
+
+
+def test_a_launch_that_does_not_say_the_local_rank_is_refused(monkeypatch):
+    """PMI alone (Cray, Flux) gives no rank on the node: every rank would take cuda:0."""
+    from distributed import launch_env
+
+    launch_as(monkeypatch, PMI_SIZE=16, PMI_RANK=9)
+    with pytest.raises(UserError, match=r"none of MPI_LOCALRANKID, PALS_LOCAL_RANKID, SLURM_LOCALID says"):
+        launch_env()
+    launch_as(monkeypatch, PMI_SIZE=16, PMI_RANK=9, PALS_LOCAL_RANKID=3)
+    assert launch_env().local_rank == 3
 
 
 def test_an_mpi_launch_plans_for_its_world_and_sets_up_torch_variables(setup, tmp_path, monkeypatch, capsys):
@@ -547,13 +569,28 @@ def test_an_mpi_launch_plans_for_its_world_and_sets_up_torch_variables(setup, tm
     monkeypatch.setenv("MASTER_PORT", "29500")
     with pytest.raises(ProcessGroupStarted):
         tb.main(args)
-    calls = [c for c in calls if c[0] != "allocator"]
-    assert calls == [("set_device", 5), ("init_distributed", "13", "16", "5")], calls
+    assert [c for c in calls if c[0] != "allocator"] == [("set_device", 5), ("init_distributed", "13", "16", "5")]
+
+    # a LOCAL_RANK left in the environment does not override the launcher's: DeepSpeed binds its group to it
+    calls.clear()
+    launch_as(monkeypatch, **{**ompi, "OMPI_COMM_WORLD_RANK": 13, "OMPI_COMM_WORLD_LOCAL_RANK": 5}, LOCAL_RANK=0)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(ProcessGroupStarted):
+        tb.main(args)
+    assert [c for c in calls if c[0] != "allocator"] == [("set_device", 5), ("init_distributed", "13", "16", "5")]
 
     # WORLD_SIZE alone, without a launcher, is for planning only
     launch_as(monkeypatch, WORLD_SIZE=2)
     assert run_cli(tb.main, args) == USER_ERROR_STATUS
     assert "WORLD_SIZE without a launcher is only for --dry-run" in capsys.readouterr().err
+
+    # a plain `python train_biencoder.py`: a group of one on this machine, no MPI discovery needed
+    calls.clear()
+    launch_as(monkeypatch)
+    with pytest.raises(ProcessGroupStarted):
+        tb.main(args)
+    assert calls[-1] == ("init_distributed", "0", "1", "0") and os.environ["MASTER_ADDR"] == "127.0.0.1", calls
 
 
 def test_a_checkpoint_missing_an_encoder_weight_is_refused(setup, tmp_path, monkeypatch, capsys):

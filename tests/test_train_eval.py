@@ -161,8 +161,10 @@ def test_eval_keeps_the_corpus_embeddings_off_the_device(monkeypatch):
             return out
 
     with Watch():
-        idx, emb = te.embed_share(FakeEngine(D), tokens, 64, "cpu")
+        parts = list(te.embed_share(FakeEngine(D), tokens, 64, "cpu"))
         metrics = te.beir_metrics(FakeEngine(D), s, 64, "cpu")
+    idx = np.concatenate([i for i, _ in parts])
+    emb = np.concatenate([e for _, e in parts])
     bound = Q * doc_block * 2  # a score block and its copies, or a block of documents
     assert largest[0] <= bound < N * D / 2, (largest[0], bound)
     assert isinstance(emb, np.ndarray) and emb.shape == (Q + N, D) and sorted(idx) == list(range(Q + N))
