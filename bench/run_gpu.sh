@@ -18,8 +18,9 @@
 #                          kernels are not bitwise repeatable), and two negative controls
 #                          (bench/resume_control.py: no weights restored; no optimizer state restored) are
 #                          further off than that tolerance, or the check FAILS
-#   mine                   mine_negatives.py with the tiny teacher on SciFact, --search-precision fp32 and
-#                          bf16 over one embedding cache: identical queries.parquet (negatives, order, scores)
+#   mine                   mine_negatives.py with the tiny teacher on SciFact (texts cut at 128 tokens),
+#                          --search-precision fp32 and bf16 over one embedding cache: identical
+#                          queries.parquet (negatives, order, scores)
 #   train                  the recipe's own path at $SHAPE (1b: Llama-3.2-1B's shape, head_dim 128, GQA):
 #                          train_biencoder.py under deepspeed --num_gpus 1 (ZeRO-3, bf16, gradient
 #                          checkpointing, ds_configs/zero3_bf16.json), 2 steps with --eval-beir on a SciFact
@@ -286,7 +287,8 @@ PY
 
     # 6. the miner with a tiny teacher on SciFact: the bf16 search (tensor cores on a GPU) gives the output of
     # the fp32 search, byte for byte (negatives, their order, scores, dropped counts)
-    local mine=(mine_negatives.py --data data/scifact --model "$tiny" --num-negatives 8 --cache-dir "$WORK/mine_cache")
+    local mine=(mine_negatives.py --data data/scifact --model "$tiny" --num-negatives 8 --max-length 128
+                --cache-dir "$WORK/mine_cache")
     rm -rf "$WORK/mined_fp32" "$WORK/mined_bf16"
     run mine_fp32 python3 "${mine[@]}" --search-precision fp32 --output-dir "$WORK/mined_fp32" > "$WORK/mine.log" 2>&1
     run mine_bf16 python3 "${mine[@]}" --search-precision bf16 --output-dir "$WORK/mined_bf16" >> "$WORK/mine.log" 2>&1
