@@ -28,6 +28,8 @@ from batches import epoch_order, split_step
 from common import UserError
 from model.attention import packed_kernel_expands_kv, packed_kernel_name
 from model.loading import empty_encoder, encoder_key_report, stored_tensor_names
+from retrieval import block_work_bytes
+from train_eval import DOC_BLOCK, QUERY_BLOCK, REDUCE_BLOCK_BYTES
 
 GB = 10**9  # the unit of every figure here (not GiB = 2**30)
 GPU_HEADROOM = 0.9  # of a GPU's memory: the rest is left to the allocator's fragmentation (reserved > allocated)
@@ -486,22 +488,16 @@ def nccl_buffers(W: int, per_node: int, env=None) -> tuple[float, str]:
     return NCCL_COMMUNICATORS * (ring_tree + nvls), how + ")"
 
 
-# The evaluation during training's device buffers besides a forward (train_eval.py, retrieval.search): the
-# queries summed over the ranks in blocks of REDUCE_BLOCK_BYTES, or the search's blocks: 1,024 queries and
-# 16,384 documents in fp32 and a score block of at most 2^24 fp32 values with its top-k working copy. The
-# embeddings themselves stay in host memory, whatever the corpus.
-EVAL_REDUCE_BLOCK_BYTES = 1 << 28
-EVAL_QUERY_BLOCK, EVAL_DOC_BLOCK, EVAL_SCORE_BLOCK = 1024, 16384, 1 << 24
-
-
 def eval_buffers(shape: ModelShape, eval_tokens: int, m: int) -> tuple[float, float]:
     """(a no-grad forward's working set, the search's or the query sum's blocks) in bytes per GPU, for
-    the evaluation's packs of `eval_tokens` tokens: one layer at a time holds its normed input, q, k, v,
-    the attention and o-projection outputs, and the MLP's gate, up and product, in the model's dtype."""
+    the evaluation during training's packs of `eval_tokens` tokens (train_eval.py). A forward holds one
+    layer at a time: its normed input, q, k, v, the attention and o-projection outputs, and the MLP's
+    gate, up and product, in the model's dtype. Then the queries are summed over the ranks in blocks of
+    REDUCE_BLOCK_BYTES, or the search works on one block at a time (retrieval.block_work_bytes). The
+    embeddings themselves stay in host memory, whatever the corpus."""
     kv = shape.kv_heads * shape.head_dim
     forward = eval_tokens * (4 * shape.hidden + 2 * kv + 3 * shape.intermediate) * m
-    search = (EVAL_QUERY_BLOCK + EVAL_DOC_BLOCK) * shape.hidden * 4 + 2 * EVAL_SCORE_BLOCK * 4
-    return forward, max(EVAL_REDUCE_BLOCK_BYTES, search)
+    return forward, max(REDUCE_BLOCK_BYTES, block_work_bytes(shape.hidden, QUERY_BLOCK, DOC_BLOCK))
 
 
 def memory_plan(

@@ -108,6 +108,7 @@ def fixed_order_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 PIECE = 1 << 23  # float64 elements per piece of canonical_scores: 64 MB
+SCORE_BLOCK = 1 << 24  # fp32 scores of one (query rows x corpus block) score block at most: 64 MB
 
 
 def canonical_scores(q: list[torch.Tensor], d: list[torch.Tensor], r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -298,6 +299,12 @@ def merge_top_k(best_v: torch.Tensor, best_i: torch.Tensor, r, cols, v, k: int) 
     best_i.copy_(i2.gather(1, o))
 
 
+def block_work_bytes(width: int, query_block: int, doc_block: int) -> int:
+    """Device bytes one step of the search works in, for teachers of `width` dimensions together: a query
+    block and a corpus block with their filter copies, the score blocks, canonical_scores' float64 pieces."""
+    return width * (6 * query_block + 10 * doc_block) + 4 * 4 * SCORE_BLOCK + 4 * 8 * PIECE
+
+
 def corpus_plan(ds: list, device, lowp: bool, query_blocks: int, query_block: int, doc_block: int) -> str:
     """Where the corpus lives during the search. "stream": each query block reads every corpus block from
     the host again (the CPU, one query block, or a corpus the device cannot hold); "all": the first query
@@ -308,8 +315,7 @@ def corpus_plan(ds: list, device, lowp: bool, query_blocks: int, query_block: in
         return "stream"
     free, _ = torch.cuda.mem_get_info(device)
     width = sum(x.shape[1] for x in ds)
-    work = width * (6 * query_block + 10 * doc_block) + 4 * 4 * (1 << 24) + 4 * 8 * PIECE
-    budget = free - 2 * work - (1 << 31)
+    budget = free - 2 * block_work_bytes(width, query_block, doc_block) - (1 << 31)
     if ds[0].shape[0] * width * (4 + 2 * lowp) <= budget:
         return "all"
     if lowp and ds[0].shape[0] * width * 2 <= budget:
@@ -377,7 +383,7 @@ def search(
     out_v = np.full((n, k), -np.inf, np.float32)
     out_i = np.full((n, k), -1, np.int64)
     out_drop = np.zeros(n, np.int64)
-    score_rows = max(1, min(query_block, (1 << 24) // max(doc_block, 1)))  # <= 64 MB of fp32 scores
+    score_rows = max(1, min(query_block, SCORE_BLOCK // max(doc_block, 1)))  # <= 64 MB of fp32 scores
     blocks = [(a, min(a + query_block, n)) for a in range(0, n, query_block)]
     plan = corpus_on_device or corpus_plan(ds, device, lowp, len(blocks), query_block, doc_block)
     if plan not in ("stream", "all", "filter") or (plan == "filter" and not lowp):

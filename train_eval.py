@@ -216,6 +216,7 @@ def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 REDUCE_BLOCK_BYTES = 1 << 28  # 256 MiB: the most of a host array on the GPU at once while it is summed
+QUERY_BLOCK, DOC_BLOCK = 1024, 16384  # the search's blocks (retrieval.search), on the GPU one at a time
 
 
 def sum_rows_over_ranks(x: np.ndarray, device) -> np.ndarray:
@@ -234,7 +235,7 @@ def local_top_k(queries: np.ndarray, docs: np.ndarray, rows: np.ndarray, k: int,
     (scores (Q, k), corpus rows (Q, k)), -inf / -1 where it holds fewer than k."""
     if not len(rows):
         return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-    v, i, _, _ = search([queries], [docs], k, query_block=1024, device=device)
+    v, i, _, _ = search([queries], [docs], k, query_block=QUERY_BLOCK, doc_block=DOC_BLOCK, device=device)
     return v, np.where(i >= 0, rows[np.maximum(i, 0)], -1)
 
 

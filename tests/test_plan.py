@@ -197,8 +197,10 @@ def test_the_evaluation_during_training_is_counted_and_does_not_grow_with_the_co
     # one layer's no-grad working set: normed input, q, o, attention output (4 d), k and v (2 x 1,024), the
     # MLP's gate, up and product (3 x 14,336), bf16
     assert p["eval_forward"] == T * (4 * 4096 + 2 * 1024 + 3 * 14336) * 2  # 6.0 GB
-    # the search's blocks at D = 4,096: 1,024 queries and 16,384 documents in fp32, a score block and its copy
-    assert p["eval_search"] == (1024 + 16384) * 4096 * 4 + 2 * 2**24 * 4  # 0.4 GB, > the 256 MiB of the query sum
+    # the search's blocks at D = 4,096 as the search itself budgets them (retrieval.block_work_bytes): 1,024
+    # queries and 16,384 documents with their filter copies, four 64 MB score blocks, two float64 pieces
+    assert p["eval_search"] == 4096 * (6 * 1024 + 10 * 16384) + 4 * 4 * 2**24 + 4 * 8 * 2**23  # 1.2 GB
+    assert p["eval_search"] > 2**28  # more than the query sum's 256 MiB blocks
     held = p["gpu_states"] + p["live"] + p["reduce_bucket"]
     assert p["gpu_eval"] == held + p["eval_forward"]  # 26.8 GB: below a layer's backward
     assert p["gpu_peak_when"] == "a layer's backward" and p["gpu_eval"] < 30e9
