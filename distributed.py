@@ -104,16 +104,19 @@ def adopt_launch(launch: Launch) -> None:
         os.environ[key] = str(value)
 
 
-def single_process_rendezvous(launch: Launch) -> None:
+def single_process_rendezvous(launch: Launch) -> bool:
     """A plain `python script.py` (no launcher, one process): torch's variables for a world of one on
-    this machine, so that deepspeed.init_distributed starts a group of one instead of looking for MPI."""
+    this machine, so that deepspeed.init_distributed starts a group of one instead of looking for MPI.
+    True when it did (the process was started without a launcher)."""
     if launch.launcher != "none" or launch.world != 1:
-        return
+        return False
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for key, value in dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+    env = dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, LOCAL_WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    for key, value in env.items():
         os.environ.setdefault(key, str(value))
+    return True
 
 
 def mpi4py_installed() -> bool:

@@ -42,7 +42,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -79,7 +78,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: E402
 import train_biencoder as tb  # noqa: E402
 from common import UserError, run_cli  # noqa: E402
 from dataset import PreparedData  # noqa: E402
-from distributed import launch_env, log0, rank, set_device, world_size  # noqa: E402
+from distributed import launch_env, log0, rank, set_device, single_process_rendezvous, world_size  # noqa: E402
 from model import BiEncoder, check_vocab_covers_tokenizer, contrastive_loss  # noqa: E402
 from plan import activation_bytes_per_token  # noqa: E402  (used only as a ratio between shapes here)
 
@@ -160,20 +159,7 @@ def parse_config(argv=None) -> BenchConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Setup: one process without the launcher, data, model folder
-
-
-def single_process_env() -> bool:
-    """`python bench/bench_train.py` without the deepspeed launcher: a world of one. True if launched so."""
-    if "RANK" in os.environ:
-        return False
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    for key, value in {**env, "MASTER_PORT": str(port)}.items():
-        os.environ.setdefault(key, value)
-    return True
+# Setup: data, model folder
 
 
 def prepare_default_data(cfg: BenchConfig, tokenizer: Path) -> Path:
@@ -822,8 +808,9 @@ def print_report(report: dict):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    alone = single_process_env()
-    set_device(launch_env())  # before the process group, as train_biencoder.py does
+    launch = launch_env()
+    alone = single_process_rendezvous(launch)  # `python bench/bench_train.py`: a world of one
+    set_device(launch)  # before the process group, as train_biencoder.py does
     deepspeed.init_distributed()
     atexit.register(tb.remove_cpu_shm_buffer)  # DeepSpeed leaves its CPU allreduce buffer in /dev/shm
     W = world_size()
