@@ -112,6 +112,13 @@ result() {  # result NAME STATUS DETAIL: one result line, printed and appended t
     [ -n "${STATUS[$1]+set}" ] || ORDER+=("$1")
     STATUS[$1]=$2
 }
+record_verdict() {  # record_verdict NAME VERDICT FALLBACK: a comparison's "PASS ..." / "FAIL ..." line is the
+    # result; anything else (the comparison itself crashed) is a FAIL with FALLBACK as its detail
+    case $2 in
+        "PASS "* | "FAIL "*) result "$1" "${2%% *}" "${2#* }" ;;
+        *) result "$1" FAIL "$3" ;;
+    esac
+}
 run() {  # run NAME COMMAND...: time and log a command; its exit status is returned
     local name=$1 start=$SECONDS rc
     shift
@@ -279,10 +286,7 @@ print(("PASS " if ok else "FAIL ") + f"steps 3-6, largest relative loss differen
       f"no optimizer state {weights_only:.2e}")
 PY
 )
-    case $verdict in
-        "PASS "* | "FAIL "*) result resume "${verdict%% *}" "${verdict#* }" ;;
-        *) result resume FAIL "the comparison failed: $(echo "$verdict" | tail -n 1)" ;;
-    esac
+    record_verdict resume "$verdict" "the comparison failed: $(echo "$verdict" | tail -n 1)"
     rm -rf "$WORK/a/checkpoints" "$WORK/b/checkpoints" "$WORK/nothing/checkpoints" "$WORK/weights-only/checkpoints"
 
     # 6. the miner with a tiny teacher on SciFact: the bf16 search (tensor cores on a GPU) gives the output of
@@ -308,10 +312,7 @@ print(("PASS identical " if same else f"FAIL columns differ: {differ}; ") + f"{a
       f"the device {search.get('corpus_on_device')}")
 PY
 )
-    case $verdict in
-        "PASS "* | "FAIL "*) result mine "${verdict%% *}" "${verdict#* }" ;;
-        *) result mine FAIL "$(last_error "$WORK/mine.log")" ;;
-    esac
+    record_verdict mine "$verdict" "$(last_error "$WORK/mine.log")"
 
     # 7-10. the recipe's own path at $SHAPE (Llama-3.2-1B's on a GPU: head_dim 128, GQA): train_biencoder.py
     # under DeepSpeed (ZeRO-3, bf16, gradient checkpointing, the shipped JSON) for 2 steps with the
@@ -339,10 +340,7 @@ except (OSError, ValueError, KeyError, TypeError) as e:
 print(("PASS " if ok else f"FAIL exit {sys.argv[2]}: ") + detail + (f"; {sys.argv[3]}" if sys.argv[3] else ""))
 PY
 )
-    case $verdict in
-        "PASS "* | "FAIL "*) result train "${verdict%% *}" "${verdict#* }" ;;
-        *) result train FAIL "exit $train_rc: $(last_error "$WORK/train.log")" ;;
-    esac
+    record_verdict train "$verdict" "exit $train_rc: $(last_error "$WORK/train.log")"
     # RoPE: fp32 and the config's values after deepspeed.initialize, as loaded or after the trainer repaired them
     if rope=$(grep -h "rotary buffers: .* checked, fp32" "$WORK/train.log" | head -n 1) && [ "$train_rc" = 0 ]; then
         result rope PASS "${rope#*rotary buffers: }; repaired: none"
@@ -372,10 +370,7 @@ print(("PASS " if ok else "FAIL ") + f"NDCG@10 {export:.4f} on the export vs {la
       f"{logged[-1]['step']} (|diff| {abs(export - last):.4f}, tolerance 0.01; step 0: {first:.4f})")
 PY
 )
-        case $verdict in
-            "PASS "* | "FAIL "*) result evaluate "${verdict%% *}" "${verdict#* }" ;;
-            *) result evaluate FAIL "the comparison failed: $(echo "$verdict" | tail -n 1)" ;;
-        esac
+        record_verdict evaluate "$verdict" "the comparison failed: $(echo "$verdict" | tail -n 1)"
     else
         result evaluate FAIL "evaluate.py failed: $(last_error "$WORK/evaluate.log")"
     fi
